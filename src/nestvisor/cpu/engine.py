@@ -1,0 +1,417 @@
+"""An execution context: one unicorn instance running guest code for one vCPU (or one level).
+
+It owns the trap hook (_trap.c), finds trap sites in every code page that runs, decodes the
+trapped instruction and hands it to the `TrapHandler` (the vCPU, in kvm/), runs a budget of
+instructions, and reads or loads the full architectural state through the raw context.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol
+
+from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_READ, UC_PROT_WRITE, Uc
+from unicorn import unicorn_const as ucc
+from unicorn import x86_const as X
+
+from . import context as C
+from . import native as N
+from .decode import Insn, decode
+from .faults import PageFault
+from .paging import translate
+from .sites import scan
+from .state import ArchState
+
+GPRS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX,
+        X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
+        X.UC_X86_REG_R8, X.UC_X86_REG_R9, X.UC_X86_REG_R10, X.UC_X86_REG_R11,
+        X.UC_X86_REG_R12, X.UC_X86_REG_R13, X.UC_X86_REG_R14, X.UC_X86_REG_R15)
+RIP = X.UC_X86_REG_RIP
+RFLAGS = X.UC_X86_REG_RFLAGS
+DREGS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3,
+         X.UC_X86_REG_DR6, X.UC_X86_REG_DR7)
+_CRS = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3, 4: X.UC_X86_REG_CR4, 8: X.UC_X86_REG_CR8}
+TOP = 0xFFFFFFFFFFFFFFFF
+
+
+class Stop(IntEnum):
+    """Why a run() returned."""
+
+    BUDGET = 1      # the instruction budget is spent
+    TRAP = 2        # a trap handler asked to stop
+    EXCEPTION = 3   # the CPU raised an exception or executed INT n: see `exception`
+    UNMAPPED = 4    # access to guest-physical memory nothing backs: see `unmapped`
+    HALTED = 5      # a HLT ran natively (only if a site was missed)
+
+
+@dataclass(slots=True)
+class RaisedException:
+    vector: int
+    error_code: int | None
+    software: bool     # INT n / INT3 / INTO: return address is next_rip
+    next_rip: int
+
+
+@dataclass(slots=True)
+class UnmappedAccess:
+    gpa: int
+    size: int
+    is_write: bool
+    value: int
+    fetch: bool
+
+
+class TrapHandler(Protocol):
+    def on_trap(self, insn: Insn, rip: int) -> int:
+        """Handle a trapped instruction at `rip`; returns a native.NV_* action."""
+
+
+class PhysMemory(Protocol):
+    def read(self, gpa: int, size: int) -> bytes: ...
+    def write(self, gpa: int, data: bytes) -> None: ...
+
+
+# Vectors that push an error code (SDM 6.15).
+_ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
+
+
+class _UcMsr(ctypes.Structure):
+    _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
+
+
+class ExecContext:
+    """One unicorn instance with its trap machinery."""
+
+    def __init__(self, mem: PhysMemory, handler: TrapHandler) -> None:
+        self.mem = mem
+        self.handler = handler
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.h = self.uc._uch
+        self.ctx = C.CpuContext(self.h)
+        self.trap_ptr = N.traplib.nv_new()
+        self.trap = self.trap_ptr.contents
+        self._tp = ctypes.cast(self.trap_ptr, N.c_p).value
+        # callbacks must stay referenced as long as the instance lives
+        self._cb_page = N.PAGE_CB(self._on_page)
+        self._cb_site = N.PAGE_CB(self._on_site)
+        self._cb_recheck = N.RECHECK_CB(self._on_recheck)
+        self.trap.emu_stop = N.EMU_STOP
+        self.trap.on_page = ctypes.cast(self._cb_page, N.c_p).value
+        self.trap.on_site = ctypes.cast(self._cb_site, N.c_p).value
+        self.trap.on_recheck = ctypes.cast(self._cb_recheck, N.c_p).value
+        hh = ctypes.c_size_t()
+        if N.hook_add_raw(self.h, ctypes.byref(hh), N.UC_HOOK_CODE, N.CODE_HOOK, self._tp, 1, 0):
+            raise RuntimeError("uc_hook_add(code) failed")
+        if N.hook_add_raw(self.h, ctypes.byref(hh), N.UC_HOOK_MEM_FETCH_PROT, N.FETCH_HOOK, self._tp, 1, 0):
+            raise RuntimeError("uc_hook_add(fetch) failed")
+        self.uc.hook_add(ucc.UC_HOOK_INTR, self._on_intr)
+        self.uc.hook_add(ucc.UC_HOOK_INSN_INVALID, self._on_invalid)
+        self.uc.hook_add(ucc.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        # scanned code: physical page -> (snapshot of its bytes, linear pages that map it)
+        self._scanned: dict[int, tuple[bytes, set[int]]] = {}
+        self._decoded: dict[tuple[int, int], Insn | None] = {}
+        self._error: BaseException | None = None
+        self.exception: RaisedException | None = None
+        self.unmapped: UnmappedAccess | None = None
+        self._u64 = ctypes.c_uint64()
+        self._u64p = ctypes.byref(self._u64)
+        self._batch_ids = (ctypes.c_int * 16)(*GPRS)
+        self._batch_vals = (ctypes.c_uint64 * 16)()
+        self._batch_ptrs = (ctypes.c_void_p * 16)(*[ctypes.addressof(self._batch_vals) + 8 * i for i in range(16)])
+        self._msr = _UcMsr()
+        self.retired = 0   # instructions executed in the last run()
+
+    # ---- memory -------------------------------------------------------------------------
+
+    def map_ram(self, gpa: int, size: int, host_addr: int) -> None:
+        # No EXEC permission: every code fetch during translation reaches nv_fetch_hook,
+        # which is how rewritten code pages are noticed.
+        self.uc.mem_map_ptr(gpa, size, UC_PROT_READ | UC_PROT_WRITE, host_addr)
+
+    def map_mmio(self, gpa: int, size: int, read: Callable[[int, int], int], write: Callable[[int, int, int], None]) -> None:
+        def rd(uc, offset, size, data):  # noqa: ANN001 - unicorn's callback signature
+            try:
+                return read(offset, size)
+            except BaseException as e:  # noqa: BLE001 - any failure stops the run and re-raises
+                self._fail(e)
+                return 0
+
+        def wr(uc, offset, size, value, data):  # noqa: ANN001
+            try:
+                write(offset, size, value)
+            except BaseException as e:  # noqa: BLE001
+                self._fail(e)
+
+        self.uc.mmio_map(gpa, size, rd, None, wr, None)
+
+    def unmap(self, gpa: int, size: int) -> None:
+        self.uc.mem_unmap(gpa, size)
+
+    # ---- registers (fast paths) -----------------------------------------------------------
+
+    def reg(self, rid: int) -> int:
+        N.uclib.uc_reg_read(self.h, rid, self._u64p)
+        return self._u64.value
+
+    def set_reg(self, rid: int, value: int) -> None:
+        self._u64.value = value & TOP
+        N.uclib.uc_reg_write(self.h, rid, self._u64p)
+
+    def gprs(self) -> list[int]:
+        N.uclib.uc_reg_read_batch(self.h, self._batch_ids, self._batch_ptrs, 16)
+        return list(self._batch_vals)
+
+    def set_gprs(self, values: list[int]) -> None:
+        for i, v in enumerate(values):
+            self._batch_vals[i] = v & TOP
+        N.uclib.uc_reg_write_batch(self.h, self._batch_ids, self._batch_ptrs, 16)
+
+    def cpu_msr(self, index: int) -> int:
+        """An MSR the substrate itself uses (EFER, STAR, FS/GS bases, SYSENTER_*, PAT, ...)."""
+        self._msr.rid = index
+        N.uclib.uc_reg_read(self.h, X.UC_X86_REG_MSR, ctypes.byref(self._msr))
+        return self._msr.value
+
+    def set_cpu_msr(self, index: int, value: int) -> None:
+        self._msr.rid = index
+        self._msr.value = value & TOP
+        N.uclib.uc_reg_write(self.h, X.UC_X86_REG_MSR, ctypes.byref(self._msr))
+
+    def reg_cr(self, n: int) -> int:
+        return self.reg(_CRS[n])
+
+    def set_reg_cr(self, n: int, value: int) -> None:
+        self.set_reg(_CRS[n], value)
+
+    def gpr(self, n: int) -> int:
+        return self.reg(GPRS[n])
+
+    def set_gpr(self, n: int, value: int) -> None:
+        self.set_reg(GPRS[n], value)
+
+    @property
+    def rip(self) -> int:
+        return self.reg(RIP)
+
+    @rip.setter
+    def rip(self, value: int) -> None:
+        self.set_reg(RIP, value)
+
+    @property
+    def rflags(self) -> int:
+        return self.reg(RFLAGS)
+
+    @rflags.setter
+    def rflags(self, value: int) -> None:
+        self.set_reg(RFLAGS, value)
+
+    # ---- full state through the raw context ------------------------------------------------
+
+    def get_state(self) -> ArchState:
+        self.ctx.save()
+        return self.ctx.read_state(self.rip, self.gpr(4), self.rflags)
+
+    def set_state(self, st: ArchState) -> None:
+        """Load `st` (any mode, full descriptor caches). Only outside run()."""
+        self.ctx.save()
+        old_paging = (self.ctx.u64(C.OFF_CR), self.ctx.u64(C.OFF_CR + 24), self.ctx.u64(C.OFF_CR + 32), self.ctx.u64(C.OFF_EFER))
+        self.ctx.write_state(st)
+        self.ctx.restore()
+        self.set_reg(RFLAGS, st.rflags)
+        self.set_reg(RIP, st.rip)
+        self.set_gpr(4, st.rsp)
+        if old_paging != (st.cr0, st.cr3, st.cr4, st.efer):
+            self.flush_tlb()
+
+    def hflags(self) -> int:
+        self.ctx.save()
+        return self.ctx.hflags
+
+    def hflags2(self) -> int:
+        self.ctx.save()
+        return self.ctx.u32(C.OFF_HFLAGS2)
+
+    def patch_hflags(self, set_mask: int = 0, clear_mask: int = 0, set2: int = 0, clear2: int = 0) -> None:
+        """Change hidden flags (interrupt shadow, NMI blocking, SMM). Only outside run()."""
+        self.ctx.save()
+        self.ctx.set_u32(C.OFF_HFLAGS, (self.ctx.hflags | set_mask) & ~clear_mask)
+        self.ctx.set_u32(C.OFF_HFLAGS2, (self.ctx.u32(C.OFF_HFLAGS2) | set2) & ~clear2)
+        self.ctx.restore()
+
+    def flush_tlb(self) -> None:
+        """The linear->physical map changed: drop unicorn's TLB and our per-page site records."""
+        N.uc_ctl0(self.h, N.CTL_TLB_FLUSH)
+        N.traplib.nv_flush(self._tp)
+        self._decoded.clear()
+        for _, lins in self._scanned.values():
+            lins.clear()
+
+    def invalidate_page(self, linear: int) -> None:
+        """INVLPG: one linear page's mapping changed."""
+        N.uc_ctl0(self.h, N.CTL_TLB_FLUSH)
+        N.traplib.nv_drop_page(self._tp, linear >> 12)
+        self._decoded = {k: v for k, v in self._decoded.items() if k[0] >> 12 != linear >> 12}
+
+    def paging_regs(self) -> tuple[int, int, int, int]:
+        self.ctx.save()
+        cr = struct.unpack_from("<5Q", self.ctx.mv, C.OFF_CR)
+        return cr[0], cr[3], cr[4], self.ctx.u64(C.OFF_EFER)
+
+    def linear_to_phys(self, linear: int, *, write: bool = False, fetch: bool = False, user: bool = False) -> int:
+        cr0, cr3, cr4, efer = self.paging_regs()
+        return translate(self.mem, cr0, cr3, cr4, efer, linear, write=write, fetch=fetch, user=user, set_ad=False)
+
+    def read_code(self, linear: int, size: int) -> bytes:
+        """Bytes of code at a linear address (stops early at an unmapped page)."""
+        out = bytearray()
+        while size > 0:
+            try:
+                pa = self.linear_to_phys(linear, fetch=True)
+            except PageFault:
+                break
+            n = min(size, 0x1000 - (linear & 0xFFF))
+            out += self.mem.read(pa, n)
+            linear += n
+            size -= n
+        return bytes(out)
+
+    # ---- running ------------------------------------------------------------------------
+
+    def run(self, budget: int) -> Stop:
+        """Run at most `budget` instructions from the current RIP."""
+        t = self.trap
+        t.icount = 0
+        t.budget = budget
+        t.stop_reason = N.NV_STOP_NONE
+        self.exception = None
+        self.unmapped = None
+        self._error = None
+        err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, 0)
+        self.retired = t.icount
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+        if self.exception is not None:
+            return Stop.EXCEPTION
+        if self.unmapped is not None:
+            return Stop.UNMAPPED
+        if t.stop_reason == N.NV_STOP_SITE:
+            return Stop.TRAP
+        if t.stop_reason == N.NV_STOP_BUDGET:
+            return Stop.BUDGET
+        if err:
+            raise RuntimeError(f"unicorn stopped with error {err} at {self.rip:#x}")
+        return Stop.HALTED
+
+    def request_stop(self) -> None:
+        """From inside a callback: stop at the next instruction boundary (e.g. an IPI arrived)."""
+        t = self.trap
+        if t.budget > t.icount + 1:
+            t.budget = t.icount + 1
+
+    def _fail(self, e: BaseException) -> None:
+        if self._error is None:
+            self._error = e
+        self.uc.emu_stop()
+
+    # ---- callbacks from the C hook --------------------------------------------------------
+
+    def _on_page(self, linear: int) -> int:
+        try:
+            self._scan_linear_page(linear & ~0xFFF)
+            return 0
+        except BaseException as e:  # noqa: BLE001
+            self._error = e
+            return 1
+
+    def _scan_linear_page(self, page: int) -> None:
+        try:
+            pa = self.linear_to_phys(page, fetch=True) & ~0xFFF
+        except PageFault:
+            N.traplib.nv_set_page(self._tp, page >> 12, None)
+            return
+        code = self.mem.read(pa, 0x1000)
+        try:
+            nxt = self.linear_to_phys(page + 0x1000, fetch=True)
+            tail = self.mem.read(nxt & ~0xFFF, 15)
+        except PageFault:
+            tail = b""
+        bitmap = scan(code + tail)
+        N.traplib.nv_set_page(self._tp, page >> 12, None if bitmap is None else bytes(bitmap))
+        entry = self._scanned.get(pa >> 12)
+        if entry is None or entry[0] != code:
+            entry = (code, entry[1] if entry else set())
+            self._scanned[pa >> 12] = entry
+            N.traplib.nv_mark_scanned(self._tp, pa >> 12)
+        entry[1].add(page >> 12)
+
+    def _on_recheck(self) -> int:
+        try:
+            t = self.trap
+            pages = [t.recheck[i] for i in range(t.recheck_count)]
+            t.recheck_count = 0
+            for pp in pages:
+                entry = self._scanned.get(pp)
+                if entry is None:
+                    continue
+                if self.mem.read(pp << 12, 0x1000) != entry[0]:
+                    # code was rewritten: every linear page that maps it is scanned again
+                    for lp in entry[1]:
+                        N.traplib.nv_drop_page(self._tp, lp)
+                        self._decoded = {k: v for k, v in self._decoded.items() if k[0] >> 12 != lp}
+                    entry[1].clear()
+            return 0
+        except BaseException as e:  # noqa: BLE001
+            self._error = e
+            return 1
+
+    def code_bits(self) -> int:
+        hf = self.hflags()
+        if hf & C.HF_CS64:
+            return 64
+        return 32 if hf & C.HF_CS32 else 16
+
+    def decode_at(self, linear: int) -> Insn | None:
+        key = (linear, self.reg(X.UC_X86_REG_CS))
+        insn = self._decoded.get(key, False)
+        if insn is False:
+            insn = decode(self.read_code(linear, 15), self.code_bits())
+            self._decoded[key] = insn
+        return insn
+
+    def _on_site(self, linear: int) -> int:
+        try:
+            insn = self.decode_at(linear)
+            if insn is None:
+                return N.NV_CONTINUE
+            return self.handler.on_trap(insn, self.rip)
+        except BaseException as e:  # noqa: BLE001
+            self._error = e
+            return N.NV_STOP_BEFORE
+
+    # ---- callbacks from unicorn ------------------------------------------------------------
+
+    def _on_intr(self, uc: Uc, intno: int, data: object) -> None:
+        try:
+            self.ctx.save()
+            is_int = bool(self.ctx.u32(C.OFF_EXCEPTION_IS_INT))
+            next_rip = self.ctx.u64(C.OFF_EXCEPTION_NEXT_EIP)
+            ec = self.ctx.u32(C.OFF_ERROR_CODE) if (intno in _ERROR_CODE_VECTORS and not is_int) else None
+            self.exception = RaisedException(intno, ec, is_int, next_rip)
+        except BaseException as e:  # noqa: BLE001
+            self._error = e
+        self.uc.emu_stop()
+
+    def _on_invalid(self, uc: Uc, data: object) -> bool:
+        self.exception = RaisedException(6, None, False, 0)
+        self.uc.emu_stop()
+        return True
+
+    def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int, data: object) -> bool:
+        self.unmapped = UnmappedAccess(address, size, access == ucc.UC_MEM_WRITE_UNMAPPED, value & TOP,
+                                       access == ucc.UC_MEM_FETCH_UNMAPPED)
+        return False

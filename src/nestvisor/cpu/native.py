@@ -1,0 +1,97 @@
+"""Raw access to libunicorn and to our trap hook (_trap.c), below the Python binding.
+
+The binding costs several microseconds per call on the paths that run per exit; these
+wrappers call the C functions directly with preallocated arguments.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import importlib.util
+from pathlib import Path
+
+from unicorn.unicorn_py3 import unicorn as _ucpy
+
+uclib = _ucpy.uclib
+
+c_u64 = ctypes.c_uint64
+c_p = ctypes.c_void_p
+
+uclib.uc_reg_read.argtypes = [c_p, ctypes.c_int, c_p]
+uclib.uc_reg_read.restype = ctypes.c_int
+uclib.uc_reg_write.argtypes = [c_p, ctypes.c_int, c_p]
+uclib.uc_reg_write.restype = ctypes.c_int
+uclib.uc_reg_read_batch.argtypes = [c_p, c_p, c_p, ctypes.c_int]
+uclib.uc_reg_read_batch.restype = ctypes.c_int
+uclib.uc_reg_write_batch.argtypes = [c_p, c_p, c_p, ctypes.c_int]
+uclib.uc_reg_write_batch.restype = ctypes.c_int
+uclib.uc_emu_start.argtypes = [c_p, c_u64, c_u64, c_u64, ctypes.c_size_t]
+uclib.uc_emu_start.restype = ctypes.c_int
+uclib.uc_context_alloc.argtypes = [c_p, ctypes.POINTER(c_p)]
+uclib.uc_context_save.argtypes = [c_p, c_p]
+uclib.uc_context_restore.argtypes = [c_p, c_p]
+uclib.uc_context_size.argtypes = [c_p]
+uclib.uc_context_size.restype = ctypes.c_size_t
+
+# uc_hook_add is variadic; code/memory hooks take exactly these seven arguments.
+_hook_add = uclib.uc_hook_add
+_hook_add_proto = ctypes.CFUNCTYPE(ctypes.c_int, c_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_int, c_p, c_p, c_u64, c_u64)
+hook_add_raw = _hook_add_proto(ctypes.cast(_hook_add, c_p).value)
+
+_ctl_proto = ctypes.CFUNCTYPE(ctypes.c_int, c_p, ctypes.c_int)
+uc_ctl0 = _ctl_proto(ctypes.cast(uclib.uc_ctl, c_p).value)
+
+# UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0) and UC_CTL_WRITE(UC_CTL_TB_FLUSH, 0): type | nr << 26 | IO_WRITE << 30
+CTL_TLB_FLUSH = 11 | (1 << 30)
+CTL_TB_FLUSH = 10 | (1 << 30)
+
+UC_HOOK_CODE = 1 << 2
+UC_HOOK_MEM_FETCH_PROT = 1 << 9
+
+# action codes returned by Python site callbacks (enum nv_action in _trap.c)
+NV_CONTINUE, NV_HANDLED, NV_STOP_BEFORE, NV_HANDLED_STOP = 0, 1, 2, 3
+NV_STOP_NONE, NV_STOP_BUDGET, NV_STOP_SITE = 0, 1, 2
+
+PAGE_CB = ctypes.CFUNCTYPE(ctypes.c_int, c_u64)
+RECHECK_CB = ctypes.CFUNCTYPE(ctypes.c_int)
+
+
+class NvTrap(ctypes.Structure):
+    """Mirror of the public head of struct nv_trap (_trap.c)."""
+
+    _fields_ = [
+        ("icount", c_u64),
+        ("budget", c_u64),
+        ("stop_reason", ctypes.c_uint32),
+        ("recheck_count", ctypes.c_uint32),
+        ("recheck", c_u64 * 64),
+        ("emu_stop", c_p),
+        ("on_page", c_p),
+        ("on_site", c_p),
+        ("on_recheck", c_p),
+    ]
+
+
+def _load_trap() -> ctypes.CDLL:
+    spec = importlib.util.find_spec("nestvisor.cpu._trap")
+    if spec is None or spec.origin is None:
+        here = Path(__file__).parent
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            cand = here / f"_trap{suffix}"
+            if cand.exists():
+                return ctypes.CDLL(str(cand))
+        raise ImportError("nestvisor.cpu._trap is not built: run `pip install -e .` (needs a C compiler)")
+    return ctypes.CDLL(spec.origin)
+
+
+traplib = _load_trap()
+traplib.nv_new.restype = ctypes.POINTER(NvTrap)
+traplib.nv_free.argtypes = [c_p]
+traplib.nv_flush.argtypes = [c_p]
+traplib.nv_set_page.argtypes = [c_p, c_u64, c_p]
+traplib.nv_drop_page.argtypes = [c_p, c_u64]
+traplib.nv_mark_scanned.argtypes = [c_p, c_u64]
+CODE_HOOK = ctypes.cast(traplib.nv_code_hook, c_p).value
+FETCH_HOOK = ctypes.cast(traplib.nv_fetch_hook, c_p).value
+EMU_STOP = ctypes.cast(uclib.uc_emu_stop, c_p).value

@@ -1,0 +1,45 @@
+"""Finding trap sites: the addresses in a code page where a trapped instruction may start.
+
+The scan is by byte pattern over the whole page, so it also finds sites in code that lives
+in data sections or was written at run time. A candidate that is not really an instruction
+start costs nothing (the hook fires only where an instruction starts); a candidate that is
+an instruction start is decoded exactly before anything is emulated (decode.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+# Opcodes the L0 must see and unicorn would otherwise execute natively (SDM Vol. 2):
+#   0F 30 WRMSR, 0F 32 RDMSR, 0F 31 RDTSC, 0F A2 CPUID, 0F 06 CLTS, 0F 20-23 MOV CR/DR,
+#   0F 01 group 7 (INVLPG, LMSW, XSETBV, RDTSCP), F4 HLT, F3 90 PAUSE,
+#   E4-E7 / EC-EF IN/OUT, 6C-6F INS/OUTS.
+# VMX and SVM instructions need no site: the CPU model has neither, so they raise #UD.
+_OPCODES = re.compile(rb"\x0f[\x30\x31\x32\xa2\x06\x20-\x23\x01]|[\xf4\xe4-\xe7\xec-\xef\x6c-\x6f]|\x90")
+# Bytes that can precede an opcode as prefixes (legacy prefixes and REX).
+_PREFIX = frozenset(b"\x66\x67\xf2\xf3\x2e\x36\x3e\x26\x64\x65\xf0") | frozenset(range(0x40, 0x50))
+MAX_PREFIXES = 4
+
+
+def scan(code: bytes) -> bytearray | None:
+    """Bitmap (512 bytes, bit = page offset) of candidate sites in the first 4096 bytes of
+    `code` (which may carry up to 15 bytes of the next page, so an instruction that crosses
+    the page end is seen whole). None when the page has no candidate."""
+    bitmap = bytearray(512)
+    found = False
+    for m in _OPCODES.finditer(code):
+        start = m.start()
+        if m.group() == b"\x90":
+            # only PAUSE (F3 90) traps; a plain NOP does not
+            if start == 0 or code[start - 1] != 0xF3:
+                continue
+            start -= 1
+        k = start
+        for _ in range(MAX_PREFIXES + 1):
+            if k < 4096:
+                bitmap[k >> 3] |= 1 << (k & 7)
+                found = True
+            if k == 0 or code[k - 1] not in _PREFIX:
+                break
+            k -= 1
+    return bitmap if found else None

@@ -1,0 +1,68 @@
+"""The /dev/kvm handle: capabilities, supported CPUID, VM creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..arch import cpuid as F
+from ..arch import kvm_uapi as U
+from .errors import einval
+from .profiles import PROFILES, Profile, get_profile
+from .vm import KVM_USER_MEM_SLOTS, MAX_VCPUS, Vm
+
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """struct kvm_cpuid_entry2."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+class Kvm:
+    """The hypervisor: what /dev/kvm is to a VMM.
+
+    >>> import nestvisor
+    >>> kvm = nestvisor.Kvm(profile="vmx")
+    >>> kvm.check_extension(nestvisor.KVM_CAP_USER_MEMORY)
+    1
+    """
+
+    def __init__(self, profile: str = "vmx", features: dict[str, bool] | None = None) -> None:
+        if profile not in PROFILES:
+            raise einval(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+        try:
+            self.profile: Profile = get_profile(profile, features)
+        except KeyError as e:
+            raise einval(f"unknown CPU feature {e.args[0]!r}; known: {', '.join(F.FEATURES)}") from None
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 when the capability is absent."""
+        caps = {
+            U.KVM_CAP_IRQCHIP: 1, U.KVM_CAP_HLT: 1, U.KVM_CAP_USER_MEMORY: 1,
+            U.KVM_CAP_EXT_CPUID: 1, U.KVM_CAP_NR_VCPUS: MAX_VCPUS, U.KVM_CAP_MAX_VCPUS: MAX_VCPUS,
+            U.KVM_CAP_MAX_VCPU_ID: MAX_VCPUS, U.KVM_CAP_NR_MEMSLOTS: KVM_USER_MEM_SLOTS,
+            U.KVM_CAP_MP_STATE: 1, U.KVM_CAP_USER_NMI: 1, U.KVM_CAP_VCPU_EVENTS: 1,
+            U.KVM_CAP_DEBUGREGS: 1, U.KVM_CAP_TSC_DEADLINE_TIMER: int(self.profile.has("tsc-deadline")),
+            U.KVM_CAP_IMMEDIATE_EXIT: 1, U.KVM_CAP_SYNC_MMU: 1, U.KVM_CAP_GET_TSC_KHZ: 1,
+        }
+        return caps.get(cap, 0)
+
+    def get_supported_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_SUPPORTED_CPUID for this profile."""
+        out = []
+        for (leaf, sub), (a, b, c, d) in sorted(self.profile.table().items()):
+            flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX if leaf in F.INDEXED_LEAVES else 0
+            out.append(CpuidEntry(leaf, sub, flags, a, b, c, d))
+        return out
+
+    def create_vm(self) -> Vm:
+        """KVM_CREATE_VM."""
+        return Vm(self)

@@ -1,0 +1,986 @@
+"""A vCPU: KVM_RUN and the per-vCPU ioctls, over one execution context.
+
+The run loop follows KVM's vcpu_enter_guest: accept pending APIC events, inject the
+highest-priority event that may be delivered, enter the guest for a budget of
+instructions, then handle the exit in the kernel when it can and return to userspace
+(the caller of run()) when it must.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from ..arch import kvm_uapi as U
+from ..arch import msr as M
+from ..cpu import native as N
+from ..cpu.context import HF2_NMI, HF_INHIBIT_IRQ
+from ..cpu.decode import Insn, Op
+from ..cpu.delivery import DeliveryUnsupported, EventKind, TripleFault, deliver_with_escalation
+from ..cpu.engine import DREGS, ExecContext, Stop
+from ..cpu.faults import GuestFault, gp, ud
+from ..cpu.paging import LinearMemory
+from ..cpu.state import ArchState, DescTable, Segment, real_mode_segment
+from . import msr as msrs
+from .errors import KvmError, einval
+from .exits import Exit, InternalError, IoExit, MmioExit
+from .lapic import Lapic
+from .vm import APIC_MMIO
+
+INFINITY = 1 << 62
+# While an interrupt waits for RFLAGS.IF or the end of an interrupt shadow, the guest runs in
+# slices this long so the window is seen promptly (there is no interrupt-window hook).
+WINDOW_SLICE = 64
+CR0_PE, CR0_NW, CR0_CD, CR0_PG = 1, 1 << 29, 1 << 30, 1 << 31
+CR0_KNOWN = 0xE005003F   # PE MP EM TS ET NE WP AM NW CD PG (KVM CR0_RESERVED_BITS complement)
+CR4_PAE, CR4_PCIDE, CR4_OSXSAVE, CR4_TSD, CR4_DE, CR4_LA57 = 1 << 5, 1 << 17, 1 << 18, 1 << 2, 1 << 3, 1 << 12
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+RFLAGS_IF, RFLAGS_DF, RFLAGS_VM = 1 << 9, 1 << 10, 1 << 17
+
+# CR4 bits and the CPUID feature that makes each legal (KVM __cr4_reserved_bits).
+_CR4_FEATURE_BITS = {
+    0: "vme", 1: "vme", 2: None, 3: None, 4: None, 5: None, 6: None, 7: None, 8: None, 9: None,
+    10: None, 11: "umip", 12: "la57", 13: "vmx", 14: "smx", 16: "fsgsbase", 17: "pcid",
+    18: "xsave", 20: "smep", 21: "smap", 22: "pku",
+}
+
+
+@dataclass
+class Regs:
+    """struct kvm_regs."""
+
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = 2
+
+
+# Regs field order as GPR numbers 0..15 (RAX RCX RDX RBX RSP RBP RSI RDI R8..R15)
+_GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+@dataclass
+class KvmSegment:
+    """struct kvm_segment."""
+
+    base: int = 0
+    limit: int = 0xFFFF
+    selector: int = 0
+    type: int = 3
+    present: int = 1
+    dpl: int = 0
+    db: int = 0
+    s: int = 1
+    l: int = 0  # noqa: E741 - KVM's name
+    g: int = 0
+    avl: int = 0
+    unusable: int = 0
+
+    @classmethod
+    def from_segment(cls, s: Segment) -> KvmSegment:
+        return cls(s.base, s.limit, s.selector, s.type, s.present, s.dpl, s.db, s.s, s.l, s.g, s.avl,
+                   int(not s.present))
+
+    def to_segment(self) -> Segment:
+        flags = (self.type << 8) | (self.s << 12) | (self.dpl << 13) | (self.present << 15) \
+            | (self.avl << 20) | (self.l << 21) | (self.db << 22) | (self.g << 23)
+        if self.unusable:
+            flags &= ~(1 << 15)
+        return Segment(self.selector, self.base, self.limit, flags)
+
+
+@dataclass
+class KvmDtable:
+    base: int = 0
+    limit: int = 0xFFFF
+
+
+@dataclass
+class Sregs:
+    """struct kvm_sregs."""
+
+    cs: KvmSegment = field(default_factory=KvmSegment)
+    ds: KvmSegment = field(default_factory=KvmSegment)
+    es: KvmSegment = field(default_factory=KvmSegment)
+    fs: KvmSegment = field(default_factory=KvmSegment)
+    gs: KvmSegment = field(default_factory=KvmSegment)
+    ss: KvmSegment = field(default_factory=KvmSegment)
+    tr: KvmSegment = field(default_factory=KvmSegment)
+    ldt: KvmSegment = field(default_factory=KvmSegment)
+    gdt: KvmDtable = field(default_factory=KvmDtable)
+    idt: KvmDtable = field(default_factory=KvmDtable)
+    cr0: int = 0
+    cr2: int = 0
+    cr3: int = 0
+    cr4: int = 0
+    cr8: int = 0
+    efer: int = 0
+    apic_base: int = 0
+    interrupt_bitmap: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+@dataclass
+class VcpuEvents:
+    """struct kvm_vcpu_events (the fields nestvisor models)."""
+
+    exception_injected: int = 0
+    exception_nr: int = 0
+    exception_has_error_code: int = 0
+    exception_pending: int = 0
+    exception_error_code: int = 0
+    interrupt_injected: int = 0
+    interrupt_nr: int = 0
+    interrupt_soft: int = 0
+    interrupt_shadow: int = 0
+    nmi_injected: int = 0
+    nmi_pending: int = 0
+    nmi_masked: int = 0
+    sipi_vector: int = 0
+    flags: int = 0
+    triple_fault_pending: int = 0
+
+
+@dataclass
+class DebugRegs:
+    """struct kvm_debugregs."""
+
+    db: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dr6: int = 0xFFFF0FF0
+    dr7: int = 0x400
+    flags: int = 0
+
+
+@dataclass
+class _Completion:
+    """What the next run() must finish for an exit that went to userspace."""
+
+    kind: str            # "in", "ins", "mmio"
+    insn: Insn | None
+    exit: Exit
+
+
+class Vcpu:
+    """KVM_CREATE_VCPU's result. Create it with Vm.create_vcpu()."""
+
+    def __init__(self, vm, vcpu_id: int) -> None:  # noqa: ANN001 - Vm (import cycle)
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self.profile = vm.kvm.profile
+        self.cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = dict(self.profile.table())
+        self._cpuid_max_basic = self.cpuid[(0, 0)][0]
+        self._cpuid_max_ext = self.cpuid[(0x80000000, 0)][0]
+        self.ctx = ExecContext(vm.phys, self)
+        self.lapic = Lapic(vcpu_id, self, vm.apic_bus)
+        vm.apic_bus.attach(self.lapic)
+        self.ctx.map_mmio(APIC_MMIO, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
+        self.clock = 0
+        self.tsc_offset = 0
+        self.run_until = INFINITY
+        self.msr_values: dict[str, int] = {}
+        self.mp_state = U.KVM_MP_STATE_RUNNABLE if vcpu_id == 0 else U.KVM_MP_STATE_UNINITIALIZED
+        self.pending_exception: tuple[int, int | None] | None = None
+        self.nmi_pending = 0
+        self.ext_interrupts: list[int] = []
+        self.init_pending = False
+        self.sipi_pending: int | None = None
+        self.sipi_vector = 0
+        self.has_run = False
+        self.stats: Counter[str] = Counter()
+        self._completion: _Completion | None = None
+        self._outside: Insn | None = None
+        self._running = False
+        self._reset(init=False)
+
+    # ---- ApicHost ----------------------------------------------------------------------
+
+    def now(self) -> int:
+        """Virtual ns: the vCPU clock, including instructions of the slice in progress."""
+        return self.clock + (self.ctx.trap.icount if self._running else 0)
+
+    clock_now = now
+
+    def clock_fn(self) -> int:
+        return self.now()
+
+    def kick(self) -> None:
+        if self._running:
+            self.ctx.request_stop()
+
+    def deliver_nmi(self) -> None:
+        self.nmi_pending = min(self.nmi_pending + 1, 2)   # KVM: at most two pending NMIs
+        self.kick()
+
+    def deliver_init(self) -> None:
+        self.init_pending = True
+        self.kick()
+
+    def deliver_sipi(self, vector: int) -> None:
+        self.sipi_pending = vector
+        self.kick()
+
+    def tsc(self) -> int:
+        """IA32_TSC: 1 GHz on the virtual clock."""
+        return (self.now() + self.tsc_offset) & 0xFFFFFFFFFFFFFFFF
+
+    def next_deadline(self) -> int | None:
+        return self.lapic.next_deadline()
+
+    # ---- reset / INIT ------------------------------------------------------------------
+
+    def _reset(self, init: bool) -> None:
+        """Power-on or INIT state (SDM 9.1.1, Table 9-1)."""
+        st = ArchState()
+        st.cs = Segment(0xF000, 0xFFFF0000, 0xFFFF, (1 << 15) | (1 << 12) | (0xB << 8))
+        self.ctx.set_state(st)
+        self.ctx.set_gprs([0] * 16)
+        self.ctx.set_gpr(2, self.cpuid[(1, 0)][0])   # EDX = CPUID.1:EAX (family/model/stepping)
+        self.ctx.set_reg(DREGS[4], 0xFFFF0FF0)
+        self.ctx.set_reg(DREGS[5], 0x400)
+        self.ctx.set_cpu_msr(M.IA32_PAT, msrs.PAT_RESET)
+        self.pending_exception = None
+        self.ctx.patch_hflags(clear_mask=HF_INHIBIT_IRQ, clear2=HF2_NMI)
+        if not init:
+            self.lapic.reset(init_event=False)
+
+    def _accept_apic_events(self) -> None:
+        """KVM kvm_apic_accept_events: INIT resets the vCPU, SIPI starts a waiting AP."""
+        if self.init_pending:
+            self.init_pending = False
+            self._reset(init=True)
+            self.lapic.reset(init_event=True)
+            self.nmi_pending = 0
+            self.mp_state = U.KVM_MP_STATE_RUNNABLE if self.lapic.is_bsp else U.KVM_MP_STATE_INIT_RECEIVED
+        if self.sipi_pending is not None:
+            vector, self.sipi_pending = self.sipi_pending, None
+            if self.mp_state == U.KVM_MP_STATE_INIT_RECEIVED:
+                # SDM 9.4.4: the AP starts in real mode at vector << 12
+                self.sipi_vector = vector
+                st = self.ctx.get_state()
+                st.cs = real_mode_segment(vector << 8, code=True)
+                st.rip = 0
+                self.ctx.set_state(st)
+                self.mp_state = U.KVM_MP_STATE_RUNNABLE
+
+    # ---- KVM_RUN -----------------------------------------------------------------------
+
+    def run(self) -> Exit:
+        """KVM_RUN: run until an exit userspace must handle; KVM_EXIT_INTR ends a time slice."""
+        self.has_run = True
+        if self._completion is not None:
+            self._complete_userspace()
+        while True:
+            ex = self._step()
+            if ex is not None:
+                self.stats[ex.name] += 1
+                return ex
+
+    def _step(self) -> Exit | None:
+        self._accept_apic_events()
+        if self.mp_state != U.KVM_MP_STATE_RUNNABLE:
+            return self._idle()
+        self.lapic.update_timer(self.clock)
+        ex = self._inject_events()
+        if ex is not None:
+            return ex
+        if self.mp_state != U.KVM_MP_STATE_RUNNABLE:
+            return None
+        limit = self.run_until
+        deadline = self.next_deadline()
+        if deadline is not None and deadline < limit:
+            limit = deadline
+        if self.clock >= self.run_until:
+            return Exit(U.KVM_EXIT_INTR)
+        budget = max(1, limit - self.clock)
+        if self._event_waiting():
+            budget = min(budget, WINDOW_SLICE)
+        self._running = True
+        try:
+            stop = self.ctx.run(budget)
+        finally:
+            self._running = False
+            self.clock += self.ctx.retired
+        return self._handle_stop(stop)
+
+    def _idle(self) -> Exit | None:
+        """Halted or waiting for SIPI: let virtual time pass until something can wake us."""
+        self.lapic.update_timer(self.clock)
+        if self.mp_state == U.KVM_MP_STATE_HALTED and self._wake_event():
+            self.mp_state = U.KVM_MP_STATE_RUNNABLE
+            return None
+        deadline = self.next_deadline()
+        if deadline is not None and deadline <= self.run_until:
+            self.clock = max(self.clock, deadline)
+            return None
+        if self.clock < self.run_until and self.run_until < INFINITY:
+            self.clock = self.run_until
+        if deadline is not None:
+            return Exit(U.KVM_EXIT_INTR)
+        return Exit(U.KVM_EXIT_HLT)
+
+    def _interrupt_pending(self) -> bool:
+        return bool(self.ext_interrupts) or self.lapic.pending_vector() is not None
+
+    def _wake_event(self) -> bool:
+        """KVM kvm_arch_vcpu_runnable: an NMI, or an interrupt that RFLAGS.IF allows."""
+        if self.nmi_pending or self.init_pending or self.sipi_pending is not None:
+            return True
+        return self._interrupt_pending() and bool(self.ctx.rflags & RFLAGS_IF)
+
+    def _event_waiting(self) -> bool:
+        return bool(self.nmi_pending) or self._interrupt_pending()
+
+    def _inject_events(self) -> Exit | None:
+        """KVM kvm_check_and_inject_events: exception, then NMI, then interrupt."""
+        if self.pending_exception is not None:
+            vector, ec = self.pending_exception
+            self.pending_exception = None
+            return self._deliver(vector, EventKind.HARDWARE_EXCEPTION, ec)
+        if not self.nmi_pending and not self._interrupt_pending():
+            return None
+        hf = self.ctx.hflags()
+        if hf & HF_INHIBIT_IRQ:
+            return None
+        if self.nmi_pending and not self.ctx.hflags2() & HF2_NMI:
+            self.nmi_pending -= 1
+            ex = self._deliver(2, EventKind.NMI, None)
+            # SDM 6.7.1: NMIs are blocked until the next IRET (which clears this natively)
+            self.ctx.patch_hflags(set2=HF2_NMI)
+            return ex
+        if self.ctx.rflags & RFLAGS_IF:
+            if self.ext_interrupts:
+                vector = self.ext_interrupts.pop(0)
+            else:
+                vector = self.lapic.pending_vector()
+                if vector is None:
+                    return None
+                self.lapic.ack_interrupt(vector)
+            return self._deliver(vector, EventKind.EXTERNAL_INTERRUPT, None)
+        return None
+
+    def _deliver(self, vector: int, kind: EventKind, error_code: int | None, insn_len: int = 0) -> Exit | None:
+        st = self.ctx.get_state()
+        try:
+            new = deliver_with_escalation(st, self.vm.phys, vector, kind, error_code, insn_len)
+        except DeliveryUnsupported as e:
+            return Exit(U.KVM_EXIT_INTERNAL_ERROR, internal=InternalError(U.KVM_INTERNAL_ERROR_DELIVERY_EV, str(e)))
+        if isinstance(new, TripleFault):
+            # SDM 6.15: shutdown; KVM reports it as KVM_EXIT_SHUTDOWN
+            self.stats["triple_fault"] += 1
+            return Exit(U.KVM_EXIT_SHUTDOWN, extra={"vectors": new.vectors})
+        self.stats[f"deliver_{vector}"] += 1
+        self.ctx.set_state(new)
+        self.ctx.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
+        if self.mp_state == U.KVM_MP_STATE_HALTED:
+            self.mp_state = U.KVM_MP_STATE_RUNNABLE
+        return None
+
+    def _handle_stop(self, stop: Stop) -> Exit | None:
+        if stop == Stop.BUDGET:
+            return None
+        if stop == Stop.TRAP:
+            insn, self._outside = self._outside, None
+            if insn is None:
+                return None
+            self.stats[insn.op.name] += 1
+            try:
+                return self._emulate_outside(insn)
+            except GuestFault as f:
+                self._queue_fault(f)
+                return None
+        if stop == Stop.EXCEPTION:
+            return self._handle_exception()
+        if stop == Stop.UNMAPPED:
+            return self._mmio_exit()
+        # a HLT the site scan missed ran natively; RIP is already past it
+        self.mp_state = U.KVM_MP_STATE_HALTED
+        return None
+
+    def _handle_exception(self) -> Exit | None:
+        e = self.ctx.exception
+        assert e is not None
+        self.stats[f"exception_{e.vector}"] += 1
+        if not e.software:
+            self.pending_exception = (e.vector, e.error_code)
+            return None
+        rip = self.ctx.rip
+        code = self.ctx.read_code(rip, 1)
+        op = code[0] if code else 0xCD
+        # SDM 6.4.2 / INT n pseudocode: INT3 and INTO are software exceptions, INT1 privileged
+        kind = {0xCC: EventKind.SOFTWARE_EXCEPTION, 0xCE: EventKind.SOFTWARE_EXCEPTION,
+                0xF1: EventKind.PRIVILEGED_SOFTWARE_EXCEPTION}.get(op, EventKind.SOFTWARE_INTERRUPT)
+        return self._deliver(e.vector, kind, None, max(0, e.next_rip - rip))
+
+    def _queue_fault(self, f: GuestFault) -> None:
+        self.pending_exception = (f.vector, f.error_code)
+
+    # ---- traps ---------------------------------------------------------------------------
+
+    def on_trap(self, insn: Insn, rip: int) -> int:
+        """Called from the trap hook, inside emulation, at a trapped instruction."""
+        handler = _IN_HOOK.get(insn.op)
+        try:
+            if handler is not None:
+                action = handler(self, insn, rip)
+                if action is not None:
+                    self.stats[insn.op.name] += 1
+                    return action
+            self._outside = insn
+            return N.NV_STOP_BEFORE
+        except GuestFault as f:
+            self._queue_fault(f)
+            return N.NV_STOP_BEFORE
+
+    def _cpl(self) -> int:
+        return self.ctx.hflags() & 3
+
+    def _skip(self, insn: Insn) -> int:
+        self.ctx.rip = self.ctx.rip + insn.length
+        return N.NV_HANDLED
+
+    def _cpuid(self, insn: Insn, rip: int) -> int:
+        leaf = self.ctx.gpr(0) & 0xFFFFFFFF
+        sub = self.ctx.gpr(1) & 0xFFFFFFFF
+        a, b, c, d = self.cpuid_query(leaf, sub)
+        ctx = self.ctx
+        ctx.set_gpr(0, a)
+        ctx.set_gpr(3, b)
+        ctx.set_gpr(1, c)
+        ctx.set_gpr(2, d)
+        return self._skip(insn)
+
+    def cpuid_query(self, leaf: int, sub: int) -> tuple[int, int, int, int]:
+        """CPUID as this vCPU answers it (KVM kvm_cpuid), with the per-vCPU dynamic bits."""
+        if leaf >= 0x80000000:
+            if leaf > self._cpuid_max_ext:
+                leaf = self._cpuid_max_basic   # SDM: out-of-range leaves return the highest basic leaf
+        elif leaf > self._cpuid_max_basic:
+            leaf = self._cpuid_max_basic
+        key = (leaf, sub) if (leaf, sub) in self.cpuid else (leaf, 0)
+        if key not in self.cpuid or (sub and (leaf, sub) not in self.cpuid and (leaf, 1) in self.cpuid):
+            return (0, 0, 0, 0)
+        a, b, c, d = self.cpuid[key]
+        if leaf == 1:
+            b = (b & 0x00FFFFFF) | ((self.lapic.xapic_id & 0xFF) << 24)
+            if self.ctx.reg_cr(4) & CR4_OSXSAVE:
+                c |= 1 << 27
+            if not self.lapic.hw_enabled:
+                d &= ~(1 << 9)   # KVM: CPUID.1:EDX.APIC follows IA32_APIC_BASE.EN
+        elif leaf in (0xB, 0x1F):
+            d = self.vcpu_id
+        return a, b, c, d
+
+    def _rdtsc(self, insn: Insn, rip: int) -> int:
+        if self.ctx.reg_cr(4) & CR4_TSD and self._cpl() > 0:
+            raise gp()   # SDM RDTSC: #GP(0) if CR4.TSD and CPL > 0
+        t = self.tsc()
+        self.ctx.set_gpr(0, t & 0xFFFFFFFF)
+        self.ctx.set_gpr(2, t >> 32)
+        if insn.op == Op.RDTSCP:
+            self.ctx.set_gpr(1, self.msr_values.get("TSC_AUX", 0))
+        return self._skip(insn)
+
+    def _rdmsr(self, insn: Insn, rip: int) -> int:
+        if self._cpl() > 0:
+            raise gp()   # SDM RDMSR: #GP(0) if CPL > 0
+        value = msrs.get_msr(self, self.ctx.gpr(1) & 0xFFFFFFFF)
+        self.ctx.set_gpr(0, value & 0xFFFFFFFF)
+        self.ctx.set_gpr(2, value >> 32)
+        return self._skip(insn)
+
+    def _wrmsr(self, insn: Insn, rip: int) -> int | None:
+        if self._cpl() > 0:
+            raise gp()   # SDM WRMSR: #GP(0) if CPL > 0
+        index = self.ctx.gpr(1) & 0xFFFFFFFF
+        if index == M.EFER:
+            return None   # EFER changes hidden state: emulated outside the run
+        value = (self.ctx.gpr(0) & 0xFFFFFFFF) | ((self.ctx.gpr(2) & 0xFFFFFFFF) << 32)
+        msrs.set_msr(self, index, value)
+        return self._skip(insn)
+
+    def _mov_from_cr(self, insn: Insn, rip: int) -> int:
+        if insn.crn not in (0, 2, 3, 4, 8):
+            raise ud()   # SDM MOV CR: #UD for CR1, CR5-7, CR9-15
+        if self._cpl() > 0:
+            raise gp()
+        value = self.lapic.get_cr8() if insn.crn == 8 else self.ctx.reg_cr(insn.crn)
+        bits = 64 if self.ctx.hflags() & (1 << 15) else 32
+        self.ctx.set_gpr(insn.reg, value & ((1 << bits) - 1))
+        return self._skip(insn)
+
+    def _mov_to_cr(self, insn: Insn, rip: int) -> int | None:
+        if insn.crn not in (0, 2, 3, 4, 8):
+            raise ud()
+        if self._cpl() > 0:
+            raise gp()
+        long_code = bool(self.ctx.hflags() & (1 << 15))
+        value = self.ctx.gpr(insn.reg)
+        if not long_code:
+            value &= 0xFFFFFFFF
+        if insn.crn == 8:
+            if value & ~0xF:
+                raise gp()   # KVM kvm_set_cr8: bits 63:4 reserved
+            self.lapic.set_cr8(value)
+            self.kick()
+            return self._skip(insn)
+        if insn.crn == 2:
+            self.ctx.set_reg_cr(2, value)
+            return self._skip(insn)
+        if insn.crn == 3:
+            self._check_cr3(value)
+            self.ctx.set_reg_cr(3, value & ~(1 << 63))
+            self.ctx.flush_tlb()
+            return self._skip(insn)
+        return None   # CR0/CR4 can change the mode: emulated outside the run
+
+    def _check_cr3(self, value: int) -> None:
+        efer = self.ctx.cpu_msr(M.EFER)
+        if efer & EFER_LMA:
+            # KVM kvm_set_cr3: bits above MAXPHYADDR are reserved (bit 63 is the PCID no-flush bit)
+            if (value & ~(1 << 63)) >> self.profile.maxphyaddr:
+                raise gp()
+
+    def _mov_dr(self, insn: Insn, rip: int) -> int:
+        if self._cpl() > 0:
+            raise gp()   # SDM MOV DR: #GP(0) if CPL > 0
+        n = insn.crn
+        cr4 = self.ctx.reg_cr(4)
+        if n in (4, 5):
+            if cr4 & CR4_DE:
+                raise ud()   # SDM: DR4/DR5 are reserved when CR4.DE = 1
+            n += 2
+        if n > 7:
+            raise ud()
+        rid = DREGS[n] if n < 4 else DREGS[4 + (n - 6)]
+        if insn.op == Op.MOV_FROM_DR:
+            self.ctx.set_gpr(insn.reg, self.ctx.reg(rid))
+        else:
+            value = self.ctx.gpr(insn.reg)
+            if n >= 6 and value >> 32:
+                raise gp()   # SDM: #GP(0) writing 1 into bits 63:32 of DR6/DR7
+            self.ctx.set_reg(rid, value)
+        return self._skip(insn)
+
+    def _invlpg(self, insn: Insn, rip: int) -> int:
+        if self._cpl() > 0:
+            raise gp()
+        self.ctx.flush_tlb()   # our per-page site records follow the mapping; unicorn runs INVLPG itself
+        return N.NV_CONTINUE
+
+    def _native(self, insn: Insn, rip: int) -> int:
+        return N.NV_CONTINUE
+
+    # ---- traps emulated outside the run ------------------------------------------------
+
+    def _emulate_outside(self, insn: Insn) -> Exit | None:
+        op = insn.op
+        if op == Op.HLT:
+            if self._cpl() > 0:
+                raise gp()
+            self.ctx.rip = self.ctx.rip + insn.length
+            if not self._wake_event():
+                self.mp_state = U.KVM_MP_STATE_HALTED
+            return None
+        if op in (Op.IN, Op.OUT, Op.INS, Op.OUTS):
+            return self._pio(insn)
+        if op == Op.MOV_TO_CR:
+            self._set_cr(insn.crn, self._cr_operand(insn))
+            self.ctx.rip = self.ctx.rip + insn.length
+            return None
+        if op == Op.WRMSR:
+            value = (self.ctx.gpr(0) & 0xFFFFFFFF) | ((self.ctx.gpr(2) & 0xFFFFFFFF) << 32)
+            msrs.set_msr(self, self.ctx.gpr(1) & 0xFFFFFFFF, value)
+            self.ctx.rip = self.ctx.rip + insn.length
+            return None
+        return Exit(U.KVM_EXIT_INTERNAL_ERROR, internal=InternalError(U.KVM_INTERNAL_ERROR_EMULATION, f"no emulation for {op.name}"))
+
+    def _cr_operand(self, insn: Insn) -> int:
+        value = self.ctx.gpr(insn.reg)
+        return value if self.ctx.hflags() & (1 << 15) else value & 0xFFFFFFFF
+
+    def _set_cr(self, crn: int, value: int) -> None:
+        """MOV to CR0/CR4 with KVM's checks (kvm_set_cr0, kvm_set_cr4)."""
+        st = self.ctx.get_state()
+        if crn == 0:
+            if value >> 32:
+                raise gp()
+            value = (value | 0x10) & CR0_KNOWN   # ET is hardwired; reserved bits are ignored
+            if value & CR0_NW and not value & CR0_CD:
+                raise gp()
+            if value & CR0_PG and not value & CR0_PE:
+                raise gp()
+            if value & CR0_PG and not st.cr0 & CR0_PG and st.efer & EFER_LME:
+                if not st.cr4 & CR4_PAE or st.cs.l:
+                    raise gp()   # SDM 10.8.5: long mode needs PAE, and not from a 64-bit CS
+            if not value & CR0_PG and st.cr4 & CR4_PCIDE:
+                raise gp()
+            st.cr0 = value
+            st.efer = (st.efer | EFER_LMA) if (value & CR0_PG and st.efer & EFER_LME) else (st.efer & ~EFER_LMA)
+        else:
+            self._check_cr4(st, value)
+            st.cr4 = value
+        self.ctx.set_state(st)
+        self.ctx.flush_tlb()
+
+    def _check_cr4(self, st: ArchState, value: int) -> None:
+        # KVM kvm_is_valid_cr4 / kvm_set_cr4
+        for bit in range(64):
+            if value >> bit & 1:
+                if bit not in _CR4_FEATURE_BITS:
+                    raise gp()
+                feat = _CR4_FEATURE_BITS[bit]
+                if feat is not None and feat != "vme" and not self._feature(feat):
+                    raise gp()
+                if feat == "vme":
+                    raise gp()
+        if st.efer & EFER_LMA:
+            if not value & CR4_PAE:
+                raise gp()   # SDM: clearing PAE in IA-32e mode
+            if (value ^ st.cr4) & CR4_LA57:
+                raise gp()
+        if value & CR4_PCIDE and not st.cr4 & CR4_PCIDE:
+            if not st.efer & EFER_LMA or st.cr3 & 0xFFF:
+                raise gp()
+
+    def _feature(self, name: str) -> bool:
+        from ..arch import cpuid as F
+        if name not in F.FEATURES:
+            return False
+        leaf, reg, bit = F.FEATURES[name]
+        row = self.cpuid.get((leaf, 0))
+        return bool(row and row[F.REG_INDEX[reg]] >> bit & 1)
+
+    def set_efer_host(self, value: int) -> None:
+        st = self.ctx.get_state()
+        st.efer = value
+        self.ctx.set_state(st)
+
+    # ---- port I/O ------------------------------------------------------------------------
+
+    def _pio(self, insn: Insn) -> Exit | None:
+        port = insn.port if insn.port is not None else self.ctx.gpr(2) & 0xFFFF
+        size = insn.size
+        is_in = insn.op in (Op.IN, Op.INS)
+        if insn.op in (Op.INS, Op.OUTS):
+            if insn.rep and self._rep_count(insn) == 0:
+                self.ctx.rip = self.ctx.rip + insn.length
+                return None
+        if insn.op == Op.OUT:
+            data = bytearray((self.ctx.gpr(0) & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+            self.ctx.rip = self.ctx.rip + insn.length
+            return Exit(U.KVM_EXIT_IO, io=IoExit(U.KVM_EXIT_IO_OUT, size, port, 1, data))
+        if insn.op == Op.OUTS:
+            st = self.ctx.get_state()
+            seg = (st.es, st.cs, st.ss, st.ds, st.fs, st.gs)[insn.seg]
+            mask = (1 << (8 * insn.addr_size)) - 1
+            rsi = self.ctx.gpr(6)
+            data = bytearray(self._linear(st).read((seg.base + (rsi & mask)) & 0xFFFFFFFFFFFFFFFF, size))
+            self._string_advance(insn, 6, rsi, mask)
+            return Exit(U.KVM_EXIT_IO, io=IoExit(U.KVM_EXIT_IO_OUT, size, port, 1, data))
+        ex = Exit(U.KVM_EXIT_IO, io=IoExit(U.KVM_EXIT_IO_IN, size, port, 1, bytearray(size)))
+        self._completion = _Completion("in" if insn.op == Op.IN else "ins", insn, ex)
+        assert is_in
+        return ex
+
+    def _rep_count(self, insn: Insn) -> int:
+        mask = (1 << (8 * insn.addr_size)) - 1
+        return self.ctx.gpr(1) & mask
+
+    def _string_advance(self, insn: Insn, reg: int, value: int, mask: int) -> None:
+        step = -insn.size if self.ctx.rflags & RFLAGS_DF else insn.size
+        self.ctx.set_gpr(reg, (value & ~mask) | ((value + step) & mask))
+        if insn.rep:
+            rcx = self.ctx.gpr(1)
+            left = ((rcx & mask) - 1) & mask
+            self.ctx.set_gpr(1, (rcx & ~mask) | left)
+            if left:
+                return   # the instruction runs again for the next element
+        self.ctx.rip = self.ctx.rip + insn.length
+
+    def _linear(self, st: ArchState) -> LinearMemory:
+        return LinearMemory(self.vm.phys, st, maxphyaddr=self.profile.maxphyaddr)
+
+    def _complete_userspace(self) -> None:
+        c, self._completion = self._completion, None
+        assert c is not None
+        if c.kind == "in":
+            io = c.exit.io
+            value = int.from_bytes(io.data[:io.size], "little")
+            if io.size == 4:
+                self.ctx.set_gpr(0, value)   # a 32-bit destination zero-extends (SDM 3.4.1.1)
+            else:
+                mask = (1 << (8 * io.size)) - 1
+                self.ctx.set_gpr(0, (self.ctx.gpr(0) & ~mask) | value)
+            self.ctx.rip = self.ctx.rip + c.insn.length
+        elif c.kind == "ins":
+            st = self.ctx.get_state()
+            mask = (1 << (8 * c.insn.addr_size)) - 1
+            rdi = self.ctx.gpr(7)
+            try:
+                self._linear(st).write((st.es.base + (rdi & mask)) & 0xFFFFFFFFFFFFFFFF, bytes(c.exit.io.data[:c.insn.size]))
+            except GuestFault as f:
+                self._queue_fault(f)
+                return
+            self._string_advance(c.insn, 7, rdi, mask)
+        elif c.kind == "mmio":
+            self._complete_mmio(c.exit.mmio)
+
+    # ---- MMIO to unbacked guest-physical addresses -------------------------------------
+
+    def _mmio_exit(self) -> Exit:
+        u = self.ctx.unmapped
+        assert u is not None
+        if u.fetch:
+            return Exit(U.KVM_EXIT_INTERNAL_ERROR, internal=InternalError(
+                U.KVM_INTERNAL_ERROR_EMULATION, f"instruction fetch from unbacked guest-physical {u.gpa:#x}"))
+        data = bytearray(u.value.to_bytes(8, "little")[:u.size]) if u.is_write else bytearray(u.size)
+        ex = Exit(U.KVM_EXIT_MMIO, mmio=MmioExit(u.gpa, data, u.size, u.is_write))
+        self._completion = _Completion("mmio", None, ex)
+        return ex
+
+    def _complete_mmio(self, mmio: MmioExit) -> None:
+        """Re-execute the access against a scratch page holding what userspace supplied."""
+        page = mmio.phys_addr & ~0xFFF
+        self.ctx.uc.mem_map(page, 0x1000)
+        try:
+            if not mmio.is_write:
+                self.ctx.uc.mem_write(mmio.phys_addr, bytes(mmio.data[:mmio.len]))
+            self._running = True
+            try:
+                stop = self.ctx.run(1)
+            finally:
+                self._running = False
+                self.clock += self.ctx.retired
+        finally:
+            self.ctx.unmap(page, 0x1000)
+            self.ctx.flush_tlb()
+        self._handle_stop(stop)
+
+    # ---- APIC MMIO --------------------------------------------------------------------
+
+    def _apic_mmio_read(self, offset: int, size: int) -> int:
+        if not self.lapic.hw_enabled or self.lapic.x2apic_mode:
+            return (1 << (8 * size)) - 1   # the xAPIC window is off: unassigned memory
+        return self.lapic.mmio_read(offset, size)
+
+    def _apic_mmio_write(self, offset: int, size: int, value: int) -> None:
+        if not self.lapic.hw_enabled or self.lapic.x2apic_mode:
+            return
+        self.lapic.mmio_write(offset, size, value)
+        self.ctx.request_stop()   # an EOI, TPR or IPI can make an event deliverable now
+
+    # ---- the per-vCPU ioctls --------------------------------------------------------------
+
+    def get_regs(self) -> Regs:
+        """KVM_GET_REGS."""
+        g = self.ctx.gprs()
+        r = Regs(**{n: g[i] for i, n in enumerate(_GPR_NAMES)})
+        r.rip = self.ctx.rip
+        r.rflags = self.ctx.rflags
+        return r
+
+    def set_regs(self, regs: Regs) -> None:
+        """KVM_SET_REGS."""
+        self.ctx.set_gprs([getattr(regs, n) for n in _GPR_NAMES])
+        self.ctx.rflags = regs.rflags | 2
+        self.ctx.rip = regs.rip
+
+    def get_sregs(self) -> Sregs:
+        """KVM_GET_SREGS."""
+        st = self.ctx.get_state()
+        bitmap = [0, 0, 0, 0]
+        for v in self.ext_interrupts[:1]:
+            bitmap[v // 64] |= 1 << (v % 64)
+        return Sregs(
+            **{n: KvmSegment.from_segment(getattr(st, n)) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")},
+            gdt=KvmDtable(st.gdt.base, st.gdt.limit), idt=KvmDtable(st.idt.base, st.idt.limit),
+            cr0=st.cr0, cr2=st.cr2, cr3=st.cr3, cr4=st.cr4, cr8=self.lapic.get_cr8(), efer=st.efer,
+            apic_base=self.lapic.get_apic_base(), interrupt_bitmap=tuple(bitmap),
+        )
+
+    def set_sregs(self, s: Sregs) -> None:
+        """KVM_SET_SREGS, with KVM's kvm_is_valid_sregs checks (EINVAL leaves state unchanged)."""
+        if s.cr0 >> 32 or (s.cr0 & CR0_PG and not s.cr0 & CR0_PE) or (s.cr0 & CR0_NW and not s.cr0 & CR0_CD):
+            raise einval(f"cr0 {s.cr0:#x} is invalid (kvm_is_valid_cr0)")
+        if s.efer & EFER_LMA and not s.efer & EFER_LME:
+            raise einval("EFER.LMA without EFER.LME (kvm_is_valid_sregs)")
+        if s.cr0 & CR0_PG and s.efer & EFER_LME and not s.cr4 & CR4_PAE:
+            raise einval("long mode paging without CR4.PAE (kvm_is_valid_sregs)")
+        if bool(s.efer & EFER_LMA) != bool(s.cr0 & CR0_PG and s.efer & EFER_LME):
+            raise einval("EFER.LMA must equal CR0.PG && EFER.LME (kvm_is_valid_sregs)")
+        if s.cr8 & ~0xF:
+            raise einval("cr8 has bits above 3 (kvm_set_cr8)")
+        st = self.ctx.get_state()
+        try:
+            self._check_cr4(replace(st, efer=s.efer, cr4=0), s.cr4)
+        except GuestFault:
+            raise einval(f"cr4 {s.cr4:#x} has bits this CPU does not support (kvm_is_valid_cr4)") from None
+        new = replace(
+            st, **{n: getattr(s, n).to_segment() for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")},
+            gdt=DescTable(s.gdt.base, s.gdt.limit), idt=DescTable(s.idt.base, s.idt.limit),
+            cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, efer=s.efer,
+        )
+        try:
+            self.lapic.set_apic_base(s.apic_base, host_initiated=True)
+        except GuestFault:
+            raise einval(f"apic_base {s.apic_base:#x} is invalid (kvm_set_apic_base)") from None
+        self.ctx.set_state(new)
+        self.ctx.flush_tlb()
+        self.lapic.set_cr8(s.cr8)
+        for i, word in enumerate(s.interrupt_bitmap):
+            for b in range(64):
+                if word >> b & 1:
+                    self.ext_interrupts.append(i * 64 + b)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """KVM_GET_MSRS: the values of the MSRs that could be read (KVM stops at the first failure)."""
+        out: dict[int, int] = {}
+        for i in indices:
+            try:
+                out[i] = msrs.get_msr(self, i)
+            except GuestFault:
+                break
+        return out
+
+    def set_msrs(self, values: dict[int, int]) -> int:
+        """KVM_SET_MSRS: host-initiated writes in order; returns how many succeeded."""
+        n = 0
+        for i, v in values.items():
+            try:
+                msrs.set_msr(self, i, v, host_initiated=True)
+            except GuestFault:
+                break
+            n += 1
+        return n
+
+    def get_vcpu_events(self) -> VcpuEvents:
+        """KVM_GET_VCPU_EVENTS."""
+        ev = VcpuEvents(flags=U.KVM_VCPUEVENT_VALID_NMI_PENDING | U.KVM_VCPUEVENT_VALID_SHADOW | U.KVM_VCPUEVENT_VALID_SIPI_VECTOR)
+        if self.pending_exception is not None:
+            ev.exception_pending = 1
+            ev.exception_nr, ec = self.pending_exception
+            ev.exception_has_error_code = int(ec is not None)
+            ev.exception_error_code = ec or 0
+        if self.ext_interrupts:
+            ev.interrupt_injected = 1
+            ev.interrupt_nr = self.ext_interrupts[0]
+        ev.interrupt_shadow = U.KVM_X86_SHADOW_INT_STI if self.ctx.hflags() & HF_INHIBIT_IRQ else 0
+        ev.nmi_pending = self.nmi_pending
+        ev.nmi_masked = int(bool(self.ctx.hflags2() & HF2_NMI))
+        ev.sipi_vector = self.sipi_vector
+        return ev
+
+    def set_vcpu_events(self, ev: VcpuEvents) -> None:
+        """KVM_SET_VCPU_EVENTS (KVM's checks: vectors below 32 for exceptions, no unknown flags)."""
+        known = (U.KVM_VCPUEVENT_VALID_NMI_PENDING | U.KVM_VCPUEVENT_VALID_SIPI_VECTOR | U.KVM_VCPUEVENT_VALID_SHADOW
+                 | U.KVM_VCPUEVENT_VALID_SMM | U.KVM_VCPUEVENT_VALID_PAYLOAD | U.KVM_VCPUEVENT_VALID_TRIPLE_FAULT)
+        if ev.flags & ~known:
+            raise einval(f"flags {ev.flags:#x} has unknown bits (kvm_vcpu_ioctl_x86_set_vcpu_events)")
+        if (ev.exception_injected or ev.exception_pending) and (ev.exception_nr > 31 or ev.exception_nr in (2,)):
+            raise einval(f"exception vector {ev.exception_nr} is not an exception (kvm_vcpu_ioctl_x86_set_vcpu_events)")
+        if ev.exception_injected or ev.exception_pending:
+            self.pending_exception = (ev.exception_nr, ev.exception_error_code if ev.exception_has_error_code else None)
+        else:
+            self.pending_exception = None
+        self.ext_interrupts = [ev.interrupt_nr] if ev.interrupt_injected else []
+        if ev.flags & U.KVM_VCPUEVENT_VALID_NMI_PENDING:
+            self.nmi_pending = ev.nmi_pending
+        if ev.flags & U.KVM_VCPUEVENT_VALID_SHADOW:
+            if ev.interrupt_shadow:
+                self.ctx.patch_hflags(set_mask=HF_INHIBIT_IRQ)
+            else:
+                self.ctx.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
+        if ev.nmi_masked:
+            self.ctx.patch_hflags(set2=HF2_NMI)
+        else:
+            self.ctx.patch_hflags(clear2=HF2_NMI)
+        if ev.flags & U.KVM_VCPUEVENT_VALID_SIPI_VECTOR:
+            self.sipi_vector = ev.sipi_vector
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE."""
+        self._accept_apic_events()
+        return self.mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        """KVM_SET_MP_STATE."""
+        valid = (U.KVM_MP_STATE_RUNNABLE, U.KVM_MP_STATE_UNINITIALIZED, U.KVM_MP_STATE_INIT_RECEIVED,
+                 U.KVM_MP_STATE_HALTED, U.KVM_MP_STATE_SIPI_RECEIVED)
+        if state not in valid:
+            raise einval(f"mp_state {state} is not supported on x86 (kvm_arch_vcpu_ioctl_set_mpstate)")
+        if state == U.KVM_MP_STATE_SIPI_RECEIVED:
+            # KVM: a pending SIPI becomes INIT_RECEIVED plus the SIPI event
+            self.mp_state = U.KVM_MP_STATE_INIT_RECEIVED
+            self.sipi_pending = self.sipi_vector
+            return
+        self.mp_state = state
+
+    def set_cpuid2(self, entries: list) -> None:
+        """KVM_SET_CPUID2. After the first KVM_RUN only an identical table is accepted (kvm_set_cpuid)."""
+        table = {(e.function, e.index): (e.eax, e.ebx, e.ecx, e.edx) for e in entries}
+        if (0, 0) not in table:
+            raise einval("the table has no leaf 0")
+        if self.has_run and table != self.cpuid:
+            raise KvmError(errno.EINVAL, "KVM_SET_CPUID2 after KVM_RUN must not change the table (kvm_set_cpuid)")
+        self.cpuid = table
+        self._cpuid_max_basic = table[(0, 0)][0]
+        self._cpuid_max_ext = table.get((0x80000000, 0), (0,))[0]
+
+    def interrupt(self, vector: int) -> None:
+        """Queue an external interrupt (an ExtINT-style line, as KVM_INTERRUPT does for a userspace PIC)."""
+        if not 0 <= vector <= 255:
+            raise einval(f"vector {vector} is out of range (KVM_INTERRUPT: irq < 256)")
+        self.ext_interrupts.append(vector)
+
+    def nmi(self) -> None:
+        """KVM_NMI."""
+        self.deliver_nmi()
+
+    def get_debugregs(self) -> DebugRegs:
+        """KVM_GET_DEBUGREGS."""
+        return DebugRegs(tuple(self.ctx.reg(DREGS[i]) for i in range(4)), self.ctx.reg(DREGS[4]), self.ctx.reg(DREGS[5]))
+
+    def set_debugregs(self, d: DebugRegs) -> None:
+        """KVM_SET_DEBUGREGS (KVM: EINVAL when DR6 or DR7 has bits 63:32 set, or flags are set)."""
+        if d.flags:
+            raise einval("flags must be zero (kvm_vcpu_ioctl_x86_set_debugregs)")
+        if d.dr6 >> 32 or d.dr7 >> 32:
+            raise einval("dr6/dr7 bits 63:32 must be zero (kvm_vcpu_ioctl_x86_set_debugregs)")
+        for i in range(4):
+            self.ctx.set_reg(DREGS[i], d.db[i])
+        self.ctx.set_reg(DREGS[4], d.dr6)
+        self.ctx.set_reg(DREGS[5], d.dr7)
+
+
+# Traps handled inside emulation (fast); the rest stop the run and are emulated outside.
+_IN_HOOK = {
+    Op.CPUID: Vcpu._cpuid,
+    Op.RDTSC: Vcpu._rdtsc,
+    Op.RDTSCP: Vcpu._rdtsc,
+    Op.RDMSR: Vcpu._rdmsr,
+    Op.WRMSR: Vcpu._wrmsr,
+    Op.MOV_FROM_CR: Vcpu._mov_from_cr,
+    Op.MOV_TO_CR: Vcpu._mov_to_cr,
+    Op.MOV_FROM_DR: Vcpu._mov_dr,
+    Op.MOV_TO_DR: Vcpu._mov_dr,
+    Op.INVLPG: Vcpu._invlpg,
+    Op.PAUSE: Vcpu._native,
+    Op.CLTS: Vcpu._native,
+    Op.LMSW: Vcpu._native,
+    Op.XSETBV: Vcpu._native,
+}
