@@ -19,7 +19,6 @@ from nestvisor.arch.x86 import (
     PTE_RW,
     PTE_US,
     RFLAGS_AC,
-    RFLAGS_IF,
     RFLAGS_RF,
     RFLAGS_TF,
     RFLAGS_VM,
@@ -34,11 +33,7 @@ from nestvisor.cpu.delivery import (
 from nestvisor.cpu.faults import GuestFault, PageFault
 from nestvisor.cpu.paging import LinearMemory
 from nestvisor.cpu.state import (
-    SEG_DB,
-    SEG_G,
-    SEG_L,
     SEG_P,
-    SEG_S,
     ArchState,
     DescTable,
     Segment,
@@ -97,9 +92,9 @@ def gate32(offset: int, sel: int, gtype: int = 0xE, dpl: int = 0, p: int = 1, s:
 
 
 def gate64(offset: int, sel: int, gtype: int = 0xE, dpl: int = 0, ist: int = 0, p: int = 1) -> bytes:
-    return gate32(offset & 0xFFFFFFFF, sel, gtype, dpl, p)[:4] + struct.pack(
-        "<IIi", ((offset & 0xFFFF0000) | (gtype << 8) | (dpl << 13) | (p << 15) | ist),
-        offset >> 32, 0)[:12]
+    lo = (offset & 0xFFFF) | (sel << 16)
+    hi = (offset & 0xFFFF0000) | ist | (gtype << 8) | (dpl << 13) | (p << 15)
+    return struct.pack("<IIII", lo, hi, (offset >> 32) & 0xFFFFFFFF, 0)
 
 
 FLAT = 0xFFFFF
@@ -314,7 +309,7 @@ def test_pm32_bad_target_code_segment(sel: int, vector: int, ec: int) -> None:
     (0x08, 0x67, 10, 0x09),  # code segment
     (0x20, 0x67, 10, 0x21),  # DPL 3 data with RPL 0
     (0x70, 0x67, 12, 0x71),  # not present: #SS
-    (0x10, 0x09, 10, 0x29),  # TSS too short: #TS(TR selector + EXT)
+    (0x10, 0x08, 10, 0x29),  # TSS too short: #TS(TR selector + EXT)
 ])
 def test_pm32_bad_tss_stack(tss_ss: int, tr_limit: int, vector: int, ec: int) -> None:
     m = pm_mem()
@@ -337,12 +332,12 @@ def test_pm32_stack_limits() -> None:
     wide = Segment(0x58, 0, 0xFFFF, attrs(0x3, g=0, db=0))
     new = deliver(pm_state(ss=wide, rsp=0xABCD0004), m, 13, kind=HW, error_code=0x77)
     assert new.rsp == 0xABCDFFF4
-    assert m.u32s(0xFFFC, 1) == [0x202 | RFLAGS_RF]
-    assert m.u32s(0x0000, 1) == [0x08]
+    assert m.u32s(0x0000, 1) == [0x202 | RFLAGS_RF]
+    assert m.u32s(0xFFF4, 3) == [0x77, 0x401000, 0x08]
     # Expand-down: valid offsets are (limit, 0xFFFF].
-    down = Segment(0x78, 0, 0xFFF, attrs(0x7, g=0, db=0))
-    assert deliver(pm_state(ss=down, rsp=0x1010), m, 13, kind=HW, error_code=0).rsp == 0x1000
-    f = fault(deliver, pm_state(ss=down, rsp=0x1008), m, 13, kind=HW, error_code=0)
+    down = Segment(0x78, 0, 0x7FFF, attrs(0x7, g=0, db=0))
+    assert deliver(pm_state(ss=down, rsp=0x8010), m, 13, kind=HW, error_code=0).rsp == 0x8000
+    f = fault(deliver, pm_state(ss=down, rsp=0x8008), m, 13, kind=HW, error_code=0)
     assert (f.vector, f.error_code) == (12, 1)
 
 
@@ -457,12 +452,11 @@ def long_mem() -> FakeMem:
 
 def long_state(cpl: int = 0, **kw) -> ArchState:
     st = ArchState(
-        rip=0xFFFFFFFF80001000, rsp=0x7FF8, rflags=0x202, cr0=LONG_CR0, cr3=PML4, cr4=CR4_PAE,
+        rip=0x401000, rsp=0x7FF8, rflags=0x202, cr0=LONG_CR0, cr3=PML4, cr4=CR4_PAE,
         efer=EFER_LME | EFER_LMA | EFER_NXE,
         gdt=DescTable(GDT, 0x7F), idt=DescTable(IDT, 0xFFF),
         tr=Segment(0x28, TSS, 0x67, SEG_P | (0xB << 8)),
     )
-    st.rip = 0x401000
     if cpl == 3:
         st.cs = seg(0x3B, flags=attrs(0xB, dpl=3, l=1, db=0))
         st.ss = seg(0x23, flags=DATA3 | 0x100)
@@ -564,7 +558,7 @@ def test_long_stack_page_fault() -> None:
 # ======================================================================== escalation
 def test_contributory_twice_becomes_double_fault() -> None:
     m = long_mem()
-    m.put(IDT + 8 * 16, gate64(0x600000, 0x30, ist=1))  # #GP gate absent → #NP
+    m.put(IDT + 8 * 16, gate64(0x600000, 0x30, ist=1))  # #GP gate empty (type 0) → #GP
     st = long_state()
     new = deliver_with_escalation(st, m, 13, HW, 0x10)
     assert isinstance(new, ArchState)
@@ -574,8 +568,9 @@ def test_contributory_twice_becomes_double_fault() -> None:
 
 def test_benign_then_contributory_is_serial() -> None:
     m = long_mem()
+    m.put(IDT + 6 * 16, gate64(0x500000, 0x30, p=0))  # #UD gate not present → #NP
     m.put(IDT + 11 * 16, gate64(0x600000, 0x30, ist=1))
-    new = deliver_with_escalation(long_state(), m, 6, HW)  # #UD gate absent
+    new = deliver_with_escalation(long_state(), m, 6, HW)
     assert isinstance(new, ArchState) and new.rip == 0x600000
     assert m.u64s(0xA000 - 48, 2) == [6 * 8 + 3, 0x401000]
 
@@ -616,9 +611,9 @@ def test_page_fault_then_page_fault_is_double_fault() -> None:
 
 def test_page_fault_then_contributory_is_double_fault_and_then_triple() -> None:
     m = long_mem()
-    new = deliver_with_escalation(long_state(cr2=0x55), m, 14, HW, 0x4)  # nothing present
+    new = deliver_with_escalation(long_state(cr2=0x55), m, 14, HW, 0x4)  # empty IDT → #GP
     assert isinstance(new, TripleFault)
-    assert new.vectors == (14, 8, 11)
+    assert new.vectors == (14, 8, 13)
     assert new.state.cr2 == 0x55
 
 
@@ -628,11 +623,3 @@ def test_fault_in_double_fault_is_triple_fault() -> None:
     res = deliver_with_escalation(pm_state(), m, 13, HW, 0)
     assert isinstance(res, TripleFault)
     assert res.vectors == (13, 8, 11)
-
-
-def test_interrupt_state_flags_sanity() -> None:
-    # The helpers above build states the way ArchState reads them.
-    assert pm_state(cpl=3).cpl == 3 and long_state().long_mode
-    assert vm86_state().vm86 and real_state().cpl == 0
-    assert RFLAGS_IF == 0x200 and SEG_S == 1 << 12 and SEG_DB and SEG_G and SEG_L
-    assert attrs(0xA) == 0xC09A00

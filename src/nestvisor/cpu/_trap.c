@@ -1,16 +1,20 @@
 /*
- * The per-instruction hook of a nestvisor execution context.
+ * The hooks of a nestvisor execution context.
  *
  * unicorn can hook only a few instructions (IN, OUT, CPUID, RDTSC, ...). Everything else
  * the L0 must see (RDMSR, WRMSR, MOV CR/DR, HLT, INVLPG, PAUSE, ...) is trapped at its
- * address. Registering one unicorn code hook per address does not scale: with an
- * instruction budget (our deterministic clock) unicorn walks the whole code-hook list on
- * every instruction. So one C hook does three things per instruction:
- *   1. counts it and stops emulation when the budget is spent (the clock);
- *   2. on entering a linear page it has no record for, asks Python to scan that page;
- *   3. calls Python only when the address is a recorded trap site (a bitmap lookup).
- * A second hook, on code fetch during translation, notices when a page that was scanned
- * is translated again (self-modifying or newly written code) so Python can rescan it.
+ * address. Two costs must stay off the guest's straight-line code:
+ *   - the clock: counting instructions one by one (unicorn's `count`) runs every
+ *     instruction through a helper call and walks the whole code-hook list each time;
+ *   - trap sites: one hook per site address is cheap only if nothing else walks that list
+ *     on every instruction.
+ * So the clock is kept per translation block: nv_block_hook adds the block's instruction
+ * count (unicorn's own TB icount) and stops emulation when the budget is spent. Sites get
+ * one code hook each (nv_site_hook), registered when Python scans a code page; the block
+ * hook asks Python to scan every linear page a block starts or ends on the first time it
+ * runs, and asks for retranslation when the scan added sites to code already translated.
+ * A third hook, on code fetch during translation, notices when a scanned page is
+ * translated again (self-modifying or newly written code) so Python can rescan it.
  *
  * No unicorn header is needed: the hook signatures are unicorn's public ABI.
  */
@@ -23,17 +27,18 @@
 
 enum nv_action {
     NV_CONTINUE = 0,     /* not a trap after all: let unicorn execute it */
-    NV_HANDLED = 1,      /* emulated, RIP already moved: counts as retired */
+    NV_HANDLED = 1,      /* emulated, RIP already moved */
     NV_STOP_BEFORE = 2,  /* stop emulation before this instruction */
-    NV_HANDLED_STOP = 3, /* emulated and retired, then stop emulation */
+    NV_HANDLED_STOP = 3, /* emulated, then stop emulation */
 };
 
-enum nv_stop { NV_STOP_NONE = 0, NV_STOP_BUDGET = 1, NV_STOP_SITE = 2 };
+enum nv_stop { NV_STOP_NONE = 0, NV_STOP_BUDGET = 1, NV_STOP_SITE = 2, NV_STOP_RETRY = 3 };
 
 typedef int (*nv_emu_stop_fn)(void *uc);
 typedef int (*nv_py_page_fn)(uint64_t addr);
 typedef int (*nv_py_site_fn)(uint64_t addr);
 typedef int (*nv_py_recheck_fn)(void);
+typedef int (*nv_py_count_fn)(uint64_t addr, uint32_t size);
 
 #define NV_RECHECK_MAX 64
 
@@ -48,14 +53,17 @@ struct nv_trap {
     nv_py_page_fn on_page;
     nv_py_site_fn on_site;
     nv_py_recheck_fn on_recheck;
+    nv_py_count_fn on_count;
     /* private */
     uint64_t last_page;
-    uint8_t *last_bitmap;
-    uint64_t *keys;       /* linear page number + 1 (0 = empty slot) */
-    uint8_t **vals;       /* 512-byte site bitmap, or NULL for a page without sites */
+    uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
+    uint8_t **vals;       /* unused payload, kept for the shared open-addressing helpers */
     uint32_t cap, used;
     uint64_t *pkeys;      /* scanned physical page numbers + 1 */
     uint32_t pcap, pused;
+    uint64_t *ckeys;      /* block key: (address << 12 | size) + 1 */
+    uint32_t *cvals;      /* instructions in that block */
+    uint32_t ccap, cused;
 };
 
 static uint64_t hash64(uint64_t x)
@@ -86,6 +94,9 @@ struct nv_trap *nv_new(void)
     t->vals = calloc(t->cap, sizeof(uint8_t *));
     t->pcap = 1024;
     t->pkeys = calloc(t->pcap, sizeof(uint64_t));
+    t->ccap = 4096;
+    t->ckeys = calloc(t->ccap, sizeof(uint64_t));
+    t->cvals = calloc(t->ccap, sizeof(uint32_t));
     t->last_page = UINT64_MAX;
     t->budget = UINT64_MAX;
     return t;
@@ -100,7 +111,6 @@ static void clear_pages(struct nv_trap *t)
     }
     t->used = 0;
     t->last_page = UINT64_MAX;
-    t->last_bitmap = NULL;
 }
 
 void nv_free(struct nv_trap *t)
@@ -111,6 +121,8 @@ void nv_free(struct nv_trap *t)
     free(t->keys);
     free(t->vals);
     free(t->pkeys);
+    free(t->ckeys);
+    free(t->cvals);
     free(t);
 }
 
@@ -139,8 +151,8 @@ static void grow(struct nv_trap *t)
     free(ov);
 }
 
-/* Record the trap sites of a linear page: `bitmap` is 512 bytes, or NULL for none. */
-int nv_set_page(struct nv_trap *t, uint64_t linear_page, const uint8_t *bitmap)
+/* Record that a linear page has been scanned (its sites are hooked). */
+int nv_set_page(struct nv_trap *t, uint64_t linear_page)
 {
     if ((t->used + 1) * 2 > t->cap)
         grow(t);
@@ -149,12 +161,6 @@ int nv_set_page(struct nv_trap *t, uint64_t linear_page, const uint8_t *bitmap)
     if (t->keys[s] == 0)
         t->used++;
     t->keys[s] = key;
-    free(t->vals[s]);
-    t->vals[s] = NULL;
-    if (bitmap) {
-        t->vals[s] = malloc(512);
-        memcpy(t->vals[s], bitmap, 512);
-    }
     t->last_page = UINT64_MAX;
     return 0;
 }
@@ -202,56 +208,115 @@ void nv_mark_scanned(struct nv_trap *t, uint64_t phys_page)
     }
 }
 
-void nv_code_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
+/* Forget block instruction counts (code changed). */
+void nv_flush_counts(struct nv_trap *t)
 {
-    (void)size;
+    memset(t->ckeys, 0, t->ccap * sizeof(uint64_t));
+    t->cused = 0;
+}
+
+static void put_count(struct nv_trap *t, uint64_t key, uint32_t n)
+{
+    if ((t->cused + 1) * 2 > t->ccap) {
+        uint32_t oldcap = t->ccap;
+        uint64_t *ok = t->ckeys;
+        uint32_t *ov = t->cvals;
+        t->ccap = oldcap * 2;
+        t->ckeys = calloc(t->ccap, sizeof(uint64_t));
+        t->cvals = calloc(t->ccap, sizeof(uint32_t));
+        for (uint32_t i = 0; i < oldcap; i++) {
+            if (ok[i]) {
+                int64_t s = find_slot(t->ckeys, t->ccap, ok[i]);
+                t->ckeys[s] = ok[i];
+                t->cvals[s] = ov[i];
+            }
+        }
+        free(ok);
+        free(ov);
+    }
+    int64_t s = find_slot(t->ckeys, t->ccap, key);
+    if (!t->ckeys[s])
+        t->cused++;
+    t->ckeys[s] = key;
+    t->cvals[s] = n;
+}
+
+static void stop(void *uc, struct nv_trap *t, uint32_t reason)
+{
+    t->stop_reason = reason;
+    t->emu_stop(uc);
+}
+
+/* Make sure a linear page's sites are hooked; true when the block must be translated again. */
+static bool known_page(void *uc, struct nv_trap *t, uint64_t page)
+{
+    if (page == t->last_page)
+        return false;
+    int64_t s = find_slot(t->keys, t->cap, page + 1);
+    if (t->keys[s] == 0) {
+        int added = t->on_page(page << 12);
+        if (added < 0) {
+            stop(uc, t, NV_STOP_SITE);
+            return true;
+        }
+        if (added > 0) {
+            stop(uc, t, NV_STOP_RETRY);
+            return true;
+        }
+    }
+    t->last_page = page;
+    return false;
+}
+
+void nv_block_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
+{
+    if (t->recheck_count) {
+        int r = t->on_recheck();
+        if (r) {
+            stop(uc, t, r < 0 ? NV_STOP_SITE : NV_STOP_RETRY);
+            return;
+        }
+    }
+    if (known_page(uc, t, addr >> 12))
+        return;
+    if (size > 1 && ((addr + size - 1) >> 12) != (addr >> 12)) {
+        uint64_t first = addr >> 12;
+        if (known_page(uc, t, (addr + size - 1) >> 12))
+            return;
+        t->last_page = first;
+    }
     if (t->icount >= t->budget) {
-        t->stop_reason = NV_STOP_BUDGET;
-        t->emu_stop(uc);
+        stop(uc, t, NV_STOP_BUDGET);
         return;
     }
-    if (t->recheck_count) {
-        if (t->on_recheck() != 0) {
-            t->stop_reason = NV_STOP_SITE;
-            t->emu_stop(uc);
+    uint64_t key = ((addr << 12) | (size & 0xfff)) + 1;
+    int64_t s = find_slot(t->ckeys, t->ccap, key);
+    uint32_t n;
+    if (t->ckeys[s]) {
+        n = t->cvals[s];
+    } else {
+        int r = t->on_count(addr, size);
+        if (r < 0) {
+            stop(uc, t, NV_STOP_SITE);
             return;
         }
+        n = r ? (uint32_t)r : 1;
+        put_count(t, key, n);
     }
-    uint64_t page = addr >> 12;
-    if (page != t->last_page) {
-        int64_t s = find_slot(t->keys, t->cap, page + 1);
-        if (t->keys[s] == 0) {
-            if (t->on_page(addr) != 0) {
-                t->stop_reason = NV_STOP_SITE;
-                t->emu_stop(uc);
-                return;
-            }
-            s = find_slot(t->keys, t->cap, page + 1);
-        }
-        t->last_page = page;
-        t->last_bitmap = t->keys[s] ? t->vals[s] : NULL;
+    t->icount += n;
+}
+
+void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
+{
+    (void)size;
+    switch (t->on_site(addr)) {
+    case NV_STOP_BEFORE:
+    case NV_HANDLED_STOP:
+        stop(uc, t, NV_STOP_SITE);
+        return;
+    default:
+        return;
     }
-    uint32_t off = (uint32_t)(addr & 0xfff);
-    if (t->last_bitmap && ((t->last_bitmap[off >> 3] >> (off & 7)) & 1)) {
-        int act = t->on_site(addr);
-        switch (act) {
-        case NV_HANDLED:
-            t->icount++;
-            return;
-        case NV_STOP_BEFORE:
-            t->stop_reason = NV_STOP_SITE;
-            t->emu_stop(uc);
-            return;
-        case NV_HANDLED_STOP:
-            t->icount++;
-            t->stop_reason = NV_STOP_SITE;
-            t->emu_stop(uc);
-            return;
-        default:
-            break;
-        }
-    }
-    t->icount++;
 }
 
 /* Code fetch from RAM (mapped without EXEC) during translation. Always allowed. */

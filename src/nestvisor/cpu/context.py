@@ -34,6 +34,7 @@ OFF_ERROR_CODE = 5384
 OFF_EXCEPTION_IS_INT = 5388
 OFF_EXCEPTION_NEXT_EIP = 5392
 OFF_DR = 5400
+OFF_OLD_EXCEPTION = 5496   # after dr[8] and the breakpoint/watchpoint pointer union
 
 R_ES, R_CS, R_SS, R_DS, R_FS, R_GS = range(6)
 SEG_ORDER = ("es", "cs", "ss", "ds", "fs", "gs")

@@ -115,17 +115,19 @@ class TripleFault:
 class _Ctx:
     """Per-delivery values shared by the mode-specific paths."""
 
-    __slots__ = ("state", "new", "lin", "vector", "kind", "ext", "error_code", "ret_ip", "sv_ac")
+    __slots__ = ("state", "new", "lin", "vector", "kind", "ext", "error_code", "ret_ip")
 
-    def __init__(self, state: ArchState, mem: PhysMemory, vector: int, kind: EventKind,
-                 error_code: int | None, insn_len: int) -> None:
+    def __init__(self, state: ArchState, mem: PhysMemory | LinearMemory, vector: int,
+                 kind: EventKind, error_code: int | None, insn_len: int) -> None:
         self.state = state
         self.new = state.copy()
         ac = bool(state.rflags & RFLAGS_AC) and state.cpl < 3
         # SDM 4.6: descriptor-table, TSS and ring-change stack accesses are implicit
         # supervisor accesses; SMAP honours AC for them only below CPL 3.
-        self.lin = LinearMemory(mem, state, cpl=state.cpl, ac=ac)
-        self.sv_ac = ac
+        if isinstance(mem, LinearMemory):
+            self.lin = LinearMemory(mem.phys, state, cpl=state.cpl, ac=ac, maxphyaddr=mem.maxphyaddr)
+        else:
+            self.lin = LinearMemory(mem, state, cpl=state.cpl, ac=ac)
         self.vector = vector
         self.kind = kind
         self.ext = ERR_EXT if kind in _EXT_KINDS else 0
@@ -143,10 +145,6 @@ class _Ctx:
 
     def sel_error(self, selector: int) -> int:
         return (selector & 0xFFFC) | self.ext
-
-
-def _phys(mem: PhysMemory | LinearMemory) -> PhysMemory:
-    return mem.phys if isinstance(mem, LinearMemory) else mem
 
 
 def _desc_to_segment(selector: int, lo: int, hi: int) -> Segment:
@@ -477,8 +475,8 @@ def deliver(state: ArchState, mem: PhysMemory | LinearMemory, vector: int, *, ki
             error_code: int | None = None, insn_len: int = 0) -> ArchState:
     """Deliver one event through the IVT/IDT and return the handler's entry state.
 
-    `mem` is guest-physical memory (a `LinearMemory` is unwrapped; the walk always uses
-    `state`'s control registers). `error_code` is pushed for hardware exceptions in
+    `mem` is guest-physical memory, or a `LinearMemory` whose physical memory and
+    MAXPHYADDR are used; the walk always uses `state`'s control registers and CPL. `error_code` is pushed for hardware exceptions in
     protected mode; real mode never pushes one (SDM 20.1.4). Faults found while delivering
     are raised (`GuestFault`, `PageFault`); `DeliveryUnsupported` for task gates.
     """
@@ -487,7 +485,7 @@ def deliver(state: ArchState, mem: PhysMemory | LinearMemory, vector: int, *, ki
     kind = EventKind(kind)
     if error_code is not None and kind != EventKind.HARDWARE_EXCEPTION:
         raise ValueError(f"{kind.name} cannot carry an error code")
-    ctx = _Ctx(state, _phys(mem), vector, kind, error_code, insn_len)
+    ctx = _Ctx(state, mem, vector, kind, error_code, insn_len)
     if not state.protected:
         _deliver_real(ctx)
     else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import struct
+
+import capstone
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -75,6 +77,10 @@ class PhysMemory(Protocol):
     def write(self, gpa: int, data: bytes) -> None: ...
 
 
+_DISASM = {16: capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_16),
+           32: capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32),
+           64: capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)}
+
 # Vectors that push an error code (SDM 6.15).
 _ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
 
@@ -103,9 +109,11 @@ class ExecContext:
         self.trap.on_page = ctypes.cast(self._cb_page, N.c_p).value
         self.trap.on_site = ctypes.cast(self._cb_site, N.c_p).value
         self.trap.on_recheck = ctypes.cast(self._cb_recheck, N.c_p).value
+        self._cb_count = N.COUNT_CB(self._on_count)
+        self.trap.on_count = ctypes.cast(self._cb_count, N.c_p).value
         hh = ctypes.c_size_t()
-        if N.hook_add_raw(self.h, ctypes.byref(hh), N.UC_HOOK_CODE, N.CODE_HOOK, self._tp, 1, 0):
-            raise RuntimeError("uc_hook_add(code) failed")
+        if N.hook_add_raw(self.h, ctypes.byref(hh), N.UC_HOOK_BLOCK, N.BLOCK_HOOK, self._tp, 1, 0):
+            raise RuntimeError("uc_hook_add(block) failed")
         if N.hook_add_raw(self.h, ctypes.byref(hh), N.UC_HOOK_MEM_FETCH_PROT, N.FETCH_HOOK, self._tp, 1, 0):
             raise RuntimeError("uc_hook_add(fetch) failed")
         self.uc.hook_add(ucc.UC_HOOK_INTR, self._on_intr)
@@ -114,6 +122,8 @@ class ExecContext:
         # scanned code: physical page -> (snapshot of its bytes, linear pages that map it)
         self._scanned: dict[int, tuple[bytes, set[int]]] = {}
         self._decoded: dict[tuple[int, int], Insn | None] = {}
+        self._site_hooks: set[int] = set()     # linear addresses with a site hook (never removed)
+        self._retranslate: list[int] = []      # linear pages whose translations lack new site hooks
         self._error: BaseException | None = None
         self.exception: RaisedException | None = None
         self.unmapped: UnmappedAccess | None = None
@@ -290,7 +300,18 @@ class ExecContext:
         self.exception = None
         self.unmapped = None
         self._error = None
-        err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, 0)
+        while True:
+            self._no_exception_in_flight()
+            err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, 0)
+            if t.stop_reason != N.NV_STOP_RETRY or self._error is not None:
+                break
+            # New trap sites were hooked in code already translated: translate it again. (A
+            # ranged TB_REMOVE_CACHE walks the page through the fetch path, which faults on
+            # RAM mapped without EXEC, so the whole cache is dropped; this happens once per
+            # code page that brings new sites.)
+            N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
+            self._retranslate.clear()
+            t.stop_reason = N.NV_STOP_NONE
         self.retired = t.icount
         if self._error is not None:
             e, self._error = self._error, None
@@ -307,6 +328,16 @@ class ExecContext:
             raise RuntimeError(f"unicorn stopped with error {err} at {self.rip:#x}")
         return Stop.HALTED
 
+    def _no_exception_in_flight(self) -> None:
+        """QEMU's check_exception escalates to #DF and shutdown from env->old_exception, which
+        only do_interrupt_all resets. Unicorn never runs that, and faults internally where no
+        hook sees it (uc_hook_add probes the hooked range through the fetch path), so every
+        entry starts with no exception in flight."""
+        self.ctx.save()
+        if self.ctx.u32(C.OFF_OLD_EXCEPTION) != 0xFFFFFFFF:
+            self.ctx.set_u32(C.OFF_OLD_EXCEPTION, 0xFFFFFFFF)
+            self.ctx.restore()
+
     def request_stop(self) -> None:
         """From inside a callback: stop at the next instruction boundary (e.g. an IPI arrived)."""
         t = self.trap
@@ -322,32 +353,43 @@ class ExecContext:
 
     def _on_page(self, linear: int) -> int:
         try:
-            self._scan_linear_page(linear & ~0xFFF)
-            return 0
+            added = self._scan_linear_page(linear & ~0xFFF)
+            if added:
+                self._retranslate.append(linear & ~0xFFF)
+            return added
         except BaseException as e:  # noqa: BLE001
             self._error = e
-            return 1
+            return -1
 
-    def _scan_linear_page(self, page: int) -> None:
+    def _scan_linear_page(self, page: int) -> int:
+        """Hook every trap site of a linear page; returns how many hooks are new."""
+        N.traplib.nv_set_page(self._tp, page >> 12)
         try:
             pa = self.linear_to_phys(page, fetch=True) & ~0xFFF
         except PageFault:
-            N.traplib.nv_set_page(self._tp, page >> 12, None)
-            return
+            return 0
         code = self.mem.read(pa, 0x1000)
         try:
             nxt = self.linear_to_phys(page + 0x1000, fetch=True)
             tail = self.mem.read(nxt & ~0xFFF, 15)
         except PageFault:
             tail = b""
-        bitmap = scan(code + tail)
-        N.traplib.nv_set_page(self._tp, page >> 12, None if bitmap is None else bytes(bitmap))
+        added = 0
+        hh = ctypes.c_size_t()
+        for offset in scan(code + tail):
+            addr = page + offset
+            if addr not in self._site_hooks:
+                if N.hook_add_raw(self.h, ctypes.byref(hh), N.UC_HOOK_CODE, N.SITE_HOOK, self._tp, addr, addr):
+                    raise RuntimeError("uc_hook_add(site) failed")
+                self._site_hooks.add(addr)
+                added += 1
         entry = self._scanned.get(pa >> 12)
         if entry is None or entry[0] != code:
             entry = (code, entry[1] if entry else set())
             self._scanned[pa >> 12] = entry
             N.traplib.nv_mark_scanned(self._tp, pa >> 12)
         entry[1].add(page >> 12)
+        return added
 
     def _on_recheck(self) -> int:
         try:
@@ -364,10 +406,22 @@ class ExecContext:
                         N.traplib.nv_drop_page(self._tp, lp)
                         self._decoded = {k: v for k, v in self._decoded.items() if k[0] >> 12 != lp}
                     entry[1].clear()
+                    del self._scanned[pp]
+                    N.traplib.nv_flush_counts(self._tp)
             return 0
         except BaseException as e:  # noqa: BLE001
             self._error = e
             return 1
+
+    def _on_count(self, addr: int, size: int) -> int:
+        """Instructions in the translation block [addr, addr+size) (decoded once, then cached in C)."""
+        try:
+            code = self.read_code(addr, size)
+            md = _DISASM[self.code_bits()]
+            return sum(1 for _ in md.disasm_lite(code, addr)) or 1
+        except BaseException as e:  # noqa: BLE001
+            self._error = e
+            return -1
 
     def code_bits(self) -> int:
         hf = self.hflags()

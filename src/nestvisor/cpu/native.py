@@ -1,4 +1,4 @@
-"""Raw access to libunicorn and to our trap hook (_trap.c), below the Python binding.
+"""Raw access to libunicorn and to our trap hooks (_trap.c), below the Python binding.
 
 The binding costs several microseconds per call on the paths that run per exit; these
 wrappers call the C functions directly with preallocated arguments.
@@ -47,14 +47,16 @@ CTL_TLB_FLUSH = 11 | (1 << 30)
 CTL_TB_FLUSH = 10 | (1 << 30)
 
 UC_HOOK_CODE = 1 << 2
+UC_HOOK_BLOCK = 1 << 3
 UC_HOOK_MEM_FETCH_PROT = 1 << 9
 
 # action codes returned by Python site callbacks (enum nv_action in _trap.c)
 NV_CONTINUE, NV_HANDLED, NV_STOP_BEFORE, NV_HANDLED_STOP = 0, 1, 2, 3
-NV_STOP_NONE, NV_STOP_BUDGET, NV_STOP_SITE = 0, 1, 2
+NV_STOP_NONE, NV_STOP_BUDGET, NV_STOP_SITE, NV_STOP_RETRY = 0, 1, 2, 3
 
 PAGE_CB = ctypes.CFUNCTYPE(ctypes.c_int, c_u64)
 RECHECK_CB = ctypes.CFUNCTYPE(ctypes.c_int)
+COUNT_CB = ctypes.CFUNCTYPE(ctypes.c_int, c_u64, ctypes.c_uint32)
 
 
 class NvTrap(ctypes.Structure):
@@ -70,6 +72,7 @@ class NvTrap(ctypes.Structure):
         ("on_page", c_p),
         ("on_site", c_p),
         ("on_recheck", c_p),
+        ("on_count", c_p),
     ]
 
 
@@ -89,9 +92,11 @@ traplib = _load_trap()
 traplib.nv_new.restype = ctypes.POINTER(NvTrap)
 traplib.nv_free.argtypes = [c_p]
 traplib.nv_flush.argtypes = [c_p]
-traplib.nv_set_page.argtypes = [c_p, c_u64, c_p]
+traplib.nv_set_page.argtypes = [c_p, c_u64]
 traplib.nv_drop_page.argtypes = [c_p, c_u64]
 traplib.nv_mark_scanned.argtypes = [c_p, c_u64]
-CODE_HOOK = ctypes.cast(traplib.nv_code_hook, c_p).value
+traplib.nv_flush_counts.argtypes = [c_p]
+BLOCK_HOOK = ctypes.cast(traplib.nv_block_hook, c_p).value
+SITE_HOOK = ctypes.cast(traplib.nv_site_hook, c_p).value
 FETCH_HOOK = ctypes.cast(traplib.nv_fetch_hook, c_p).value
 EMU_STOP = ctypes.cast(uclib.uc_emu_stop, c_p).value

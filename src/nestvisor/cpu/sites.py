@@ -21,12 +21,10 @@ _PREFIX = frozenset(b"\x66\x67\xf2\xf3\x2e\x36\x3e\x26\x64\x65\xf0") | frozenset
 MAX_PREFIXES = 4
 
 
-def scan(code: bytes) -> bytearray | None:
-    """Bitmap (512 bytes, bit = page offset) of candidate sites in the first 4096 bytes of
-    `code` (which may carry up to 15 bytes of the next page, so an instruction that crosses
-    the page end is seen whole). None when the page has no candidate."""
-    bitmap = bytearray(512)
-    found = False
+def scan(code: bytes) -> list[int]:
+    """Page offsets of candidate sites in the first 4096 bytes of `code` (which may carry up
+    to 15 bytes of the next page, so an instruction that crosses the page end is seen whole)."""
+    sites: set[int] = set()
     for m in _OPCODES.finditer(code):
         start = m.start()
         if m.group() == b"\x90":
@@ -37,9 +35,8 @@ def scan(code: bytes) -> bytearray | None:
         k = start
         for _ in range(MAX_PREFIXES + 1):
             if k < 4096:
-                bitmap[k >> 3] |= 1 << (k & 7)
-                found = True
+                sites.add(k)
             if k == 0 or code[k - 1] not in _PREFIX:
                 break
             k -= 1
-    return bitmap if found else None
+    return sorted(sites)

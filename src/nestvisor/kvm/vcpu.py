@@ -25,6 +25,7 @@ from ..cpu.state import ArchState, DescTable, Segment, real_mode_segment
 from . import msr as msrs
 from .errors import KvmError, einval
 from .exits import Exit, InternalError, IoExit, MmioExit
+from .hypercall import HYPERCALL_OPCODES, emulate_hypercall
 from .lapic import Lapic
 from .vm import APIC_MMIO
 
@@ -416,6 +417,8 @@ class Vcpu:
         assert e is not None
         self.stats[f"exception_{e.vector}"] += 1
         if not e.software:
+            if e.vector == 6 and self._hypercall():
+                return None
             self.pending_exception = (e.vector, e.error_code)
             return None
         rip = self.ctx.rip
@@ -425,6 +428,16 @@ class Vcpu:
         kind = {0xCC: EventKind.SOFTWARE_EXCEPTION, 0xCE: EventKind.SOFTWARE_EXCEPTION,
                 0xF1: EventKind.PRIVILEGED_SOFTWARE_EXCEPTION}.get(op, EventKind.SOFTWARE_INTERRUPT)
         return self._deliver(e.vector, kind, None, max(0, e.next_rip - rip))
+
+    def _hypercall(self) -> bool:
+        """#UD from VMCALL/VMMCALL: a KVM hypercall (KVM handle_vmcall / vmmcall_interception)."""
+        rip = self.ctx.rip
+        if self.ctx.read_code(rip, 3) not in HYPERCALL_OPCODES:
+            return False
+        hf = self.ctx.hflags()
+        emulate_hypercall(self, bool(hf & (1 << 15)), hf & 3)
+        self.ctx.rip = rip + 3
+        return True
 
     def _queue_fault(self, f: GuestFault) -> None:
         self.pending_exception = (f.vector, f.error_code)

@@ -65,6 +65,7 @@
 .set APIC_VER,   0x030
 .set APIC_TPR,   0x080
 .set APIC_EOI,   0x0B0
+.set APIC_IRR,   0x200    /* 8 registers, 0x10 apart, 32 vectors each */
 .set APIC_SPIV,  0x0F0
 .set APIC_ICR,   0x300
 .set APIC_ICR2,  0x310

@@ -135,12 +135,25 @@ bsp_start64:
     mov %ax, %es
     mov %ax, %ss
     mov $bsp_stack_top, %rsp
+    call pic_mask_all
     call setup_tss
     call setup_idt
     call serial_init
     call main
     mov %eax, %edi
     jmp exit
+
+/*
+ * Mask both 8259 PICs. Firmware leaves them at the BIOS vector base 8, with
+ * the PIT on IRQ0 and LINT0 in ExtINT mode, so the first sti would take a
+ * PIT tick as vector 8, indistinguishable from #DF (as kvm-unit-tests, we
+ * mask everything; the guests use only the local APIC).
+ */
+pic_mask_all:
+    mov $0xff, %al
+    out %al, $0x21                  /* master PIC OCW1 (IMR) */
+    out %al, $0xa1                  /* slave PIC OCW1 */
+    ret
 
 /*
  * The TSS descriptor's base is split over four fields, which the linker
@@ -342,6 +355,23 @@ exc_reset:
     \insn
 .Ltry_end\@:
     movb $0, try_armed(%rip)
+.endm
+
+/* PRINT "text": a string literal to COM1 */
+.macro PRINT text:vararg
+    .pushsection .rodata
+.Ltext\@: .asciz \text
+    .popsection
+    lea .Ltext\@(%rip), %rdi
+    call puts
+.endm
+
+/* rdmsr with the 64-bit result in rax (ecx = MSR) */
+.macro RDMSR64 msr
+    mov $\msr, %ecx
+    rdmsr
+    shl $32, %rdx
+    or %rdx, %rax
 .endm
 
 /* ------------------------------------------------------------------ */

@@ -2,25 +2,35 @@
  * selftest.S - nestvisor's conformance guest.
  *
  * Boots by multiboot, enters long mode on its own (runtime.h), then runs
- * one check per TAP line on COM1:
+ * the checks listed in the TEST table below, one TAP line each on COM1:
  *     ok N - name
- *     not ok N - name (got G want W; last exception vec V err E rip R cr2 C)
+ *     not ok N - name (check K: got G want W; last exception vec V error E rip R cr2 C)
  *     ok N - name # SKIP reason
  * and finishes with "1..N", "# skip S", "# pass P fail F" and the exit
  * code on the debug-exit port (0: all passed, 1: a failure; 63 after
  * "Bail out!"). Each check names the rule it exercises.
+ *
+ * A multiboot command-line word "-ID" skips the test with that ID (as a
+ * kvm-unit-tests "-name" filter does), e.g. to run on an oracle that is
+ * known to mishandle it: qemu ... -append "-cr4_reserved".
  */
 
 .include "runtime.h"
 
 /* ------------------------------------------------------------------ */
-/* TAP helpers. A test is a function: TEST_BEGIN, EXPECT_*..., REPORT.
- * The EXPECT macros use rax and rcx as scratch; keep test values in
- * rbx, rbp or r12-r15. The first failed expectation is kept as the
- * failure's detail. */
+/* Test helpers (gas macro names ignore case, hence DEFTEST, not TEST). A test is a function that sets test_ok through EXPECT_*
+ * (or skip_reason through SKIP_BECAUSE) and returns; main prints its line.
+ * The EXPECT macros use rax and rcx as scratch; keep test values in rbx,
+ * rbp, r8-r15. The first failed expectation is kept as the detail. */
 
-.macro TEST_BEGIN
-    movb $1, test_ok(%rip)
+.macro DEFTEST func, id, name:vararg
+    .pushsection .rodata.tests, "a"
+    .quad \func, .Lid\@, .Lname\@
+    .popsection
+    .pushsection .rodata
+.Lid\@:   .asciz "\id"
+.Lname\@: .asciz \name
+    .popsection
 .endm
 
 /* fail with got=rax, want=rcx, unless a failure is already recorded */
@@ -30,11 +40,19 @@
     movb $0, test_ok(%rip)
     mov %rax, fail_got(%rip)
     mov %rcx, fail_want(%rip)
+    mov check_no(%rip), %rax
+    mov %rax, fail_check(%rip)
 .Lfail_keep\@:
+.endm
+
+/* every EXPECT counts itself, so a failure can say which check it was */
+.macro NEXT_CHECK
+    incq check_no(%rip)
 .endm
 
 /* got == want (operands: $imm, %reg other than rax/rcx, or mem) */
 .macro EXPECT_EQ got, want
+    NEXT_CHECK
     mov \got, %rax
     mov \want, %rcx
     cmp %rcx, %rax
@@ -45,6 +63,7 @@
 
 /* (got & mask) == want */
 .macro EXPECT_MASK got, mask, want
+    NEXT_CHECK
     mov \got, %rax
     mov $\mask, %rcx
     and %rcx, %rax
@@ -57,6 +76,7 @@
 
 /* got < want, unsigned */
 .macro EXPECT_BELOW got, want
+    NEXT_CHECK
     mov \got, %rax
     mov \want, %rcx
     cmp %rcx, %rax
@@ -67,6 +87,7 @@
 
 /* lo <= got < hi, unsigned */
 .macro EXPECT_RANGE got, lo, hi
+    NEXT_CHECK
     mov \got, %rax
     mov \lo, %rcx
     cmp %rcx, %rax
@@ -100,103 +121,169 @@
     EXPECT_EQ exc_count(%rip), $0
 .endm
 
-.macro REPORT name:vararg
+.macro SKIP_BECAUSE reason:vararg
     .pushsection .rodata
-.Lname\@: .asciz \name
+.Lreason\@: .asciz \reason
     .popsection
-    lea .Lname\@(%rip), %rdi
-    call report
+    lea .Lreason\@(%rip), %rax
+    mov %rax, skip_reason(%rip)
 .endm
 
-.macro SKIP name, reason
-    .pushsection .rodata
-.Lname\@: .asciz "\name"
-.Lreason\@: .asciz "\reason"
-    .popsection
-    lea .Lname\@(%rip), %rdi
-    lea .Lreason\@(%rip), %rsi
-    call report_skip
-.endm
-
-.macro COMMENT text:vararg
-    .pushsection .rodata
-.Ltext\@: .asciz \text
-    .popsection
-    lea .Ltext\@(%rip), %rdi
-    call puts
-.endm
-
-/* rdmsr/wrmsr with the 64-bit value in rax (ecx = MSR) */
-.macro RDMSR64 msr
-    mov $\msr, %ecx
-    rdmsr
-    shl $32, %rdx
-    or %rdx, %rax
-.endm
-
+/* Load ecx and edx:eax from rax for a wrmsr, which stays separate so
+ * that it can be TRY'd */
 .macro WRMSR64 msr
     mov $\msr, %ecx
     mov %rax, %rdx
     shr $32, %rdx
 .endm
-/* WRMSR64 only loads ecx/edx:eax so that the wrmsr itself can be TRY'd */
+
+/* ------------------------------------------------------------------ */
+/* The tests, in order: (function, ID for "-ID", TAP name). Order matters
+ * only where noted. */
+
+    .pushsection .rodata.tests, "a"
+    .balign 8
+tests:
+    .popsection
+    DEFTEST t_multiboot_entry, multiboot_entry, "multiboot entry state (EAX=0x2badb002, EBX=mbi, PE=1, PG=0, IF=0)"
+    DEFTEST t_long_mode, long_mode, "long mode active (EFER.LMA=1, CS.L=1, CS.D=0)"
+    DEFTEST t_ud, ud, "#UD from ud2, delivered on the current stack"
+    DEFTEST t_de, de, "#DE from div by 0"
+    DEFTEST t_bp, bp, "#BP from int3 (RIP after int3)"
+    DEFTEST t_bp_ist, bp_ist, "#BP through an IST1 gate runs on the IST1 stack"
+    DEFTEST t_int80, int80, "int $0x80 software interrupt"
+    DEFTEST t_noncanonical, noncanonical, "#GP(0) on a non-canonical address"
+    DEFTEST t_pf_read, pf_read, "#PF(0) on read of a not-present page, CR2 = address"
+    DEFTEST t_pf_write, pf_write, "#PF(W) on write to a not-present page, CR2 = address"
+    DEFTEST t_pf_ro, pf_ro, "#PF(P|W) on write to a read-only page with CR0.WP=1"
+    DEFTEST t_rdmsr_unknown, rdmsr_unknown, "#GP(0) from rdmsr of unknown MSR 0xdeadbeef"
+    DEFTEST t_wrmsr_efer_reserved, wrmsr_efer_reserved, "#GP(0) from wrmsr of reserved EFER bit 1"
+    DEFTEST t_cr4_reserved, cr4_reserved, "#GP(0) from mov to CR4 with reserved bit 63"
+    DEFTEST t_cr0_nw, cr0_nw, "#GP(0) from mov to CR0 with NW=1, CD=0"
+    DEFTEST t_cr0_pg_no_pe, cr0_pg_no_pe, "#GP(0) from mov to CR0 with PG=1, PE=0"
+    DEFTEST t_msr_pat, msr_pat, "IA32_PAT write/read round trip"
+    DEFTEST t_msr_sysenter_esp, msr_sysenter_esp, "IA32_SYSENTER_ESP write/read round trip"
+    DEFTEST t_msr_kernel_gs_base, msr_kernel_gs_base, "IA32_KERNEL_GS_BASE write/read round trip"
+    DEFTEST t_pat_invalid, pat_invalid, "#GP(0) from wrmsr of IA32_PAT with reserved type 2"
+    DEFTEST t_rdtsc, rdtsc, "rdtsc strictly increasing"
+    DEFTEST t_cpuid, cpuid, "CPUID vendor string non-empty, leaf 1 reports an APIC"
+    DEFTEST t_cr8, cr8, "CR8 write/read round trip"
+    DEFTEST t_cr8_tpr, cr8_tpr, "CR8 mirrors APIC TPR[7:4]"
+    DEFTEST t_port_unassigned, port_unassigned, "in from unassigned port 0x278 reads all ones (8/16/32-bit)"
+    DEFTEST t_apic_base_msr, apic_base_msr, "IA32_APIC_BASE: 0xfee00000, enabled, BSP"
+    /* the tests below need the APIC software-enabled */
+    DEFTEST t_apic_enable, apic_enable, "APIC software-enabled via SPIV (0xfee000f0)"
+    DEFTEST t_apic_id_version, apic_id_version, "APIC ID 0 on the BSP, version 0x1X with >= 4 LVT entries"
+    DEFTEST t_apic_timer_oneshot, apic_timer_oneshot, "APIC timer one-shot fires vector 0x40 once (sti; hlt)"
+    DEFTEST t_apic_timer_periodic, apic_timer_periodic, "APIC timer periodic mode fires repeatedly"
+    /* the SMP tests below need ncpus, and the IPI test an online AP */
+    DEFTEST t_fw_cfg_cpus, fw_cfg_cpus, "fw_cfg NB_CPUS (0x05) reads 1..255"
+    DEFTEST t_smp_ap_online, smp_ap_online, "AP 1 online in long mode after INIT/SIPI"
+    DEFTEST t_smp_ipi, smp_ipi, "IPI round trip between 2 vCPUs (0x50 to AP, 0x51 back)"
+    .pushsection .rodata.tests, "a"
+    .quad 0
+    .popsection
 
 /* ------------------------------------------------------------------ */
 
     .globl main
 main:
     push %rbx
-    COMMENT "# nestvisor selftest\n"
-    lea tests(%rip), %rbx
-1:  mov (%rbx), %rax
+    push %r12
+    PRINT "# nestvisor selftest\n"
+    call cmdline
     test %rax, %rax
-    jz 2f
-    call *%rax
-    add $8, %rbx
-    jmp 1b
-2:  call tap_finish
+    jz 1f
+    mov %rax, %rbx
+    PRINT "# cmdline: "
+    mov %rbx, %rdi
+    call puts
+    mov $'\n', %edi
+    call putc
+1:  lea tests(%rip), %rbx
+2:  mov (%rbx), %r12
+    test %r12, %r12
+    jz 5f
+    mov 8(%rbx), %rdi
+    call excluded
+    lea s_excluded(%rip), %rsi
+    test %eax, %eax
+    jnz 3f
+    movb $1, test_ok(%rip)
+    movq $0, skip_reason(%rip)
+    movq $0, check_no(%rip)
+    call *%r12
+    mov skip_reason(%rip), %rsi
+    test %rsi, %rsi
+    jnz 3f
+    mov 16(%rbx), %rdi
+    call report
+    jmp 4f
+3:  mov 16(%rbx), %rdi
+    call report_skip
+4:  add $24, %rbx
+    jmp 2b
+5:  call tap_finish
+    pop %r12
     pop %rbx
     ret
 
-/* The tests, in order. Order matters only where noted. */
-    .section .rodata
-    .balign 8
-tests:
-    .quad t_multiboot_entry
-    .quad t_long_mode
-    .quad t_ud
-    .quad t_de
-    .quad t_bp
-    .quad t_bp_ist
-    .quad t_int80
-    .quad t_noncanonical
-    .quad t_pf_read
-    .quad t_pf_write
-    .quad t_pf_ro
-    .quad t_rdmsr_unknown
-    .quad t_wrmsr_efer_reserved
-    .quad t_cr4_reserved
-    .quad t_cr0_nw
-    .quad t_cr0_pg_no_pe
-    .quad t_msr_pat
-    .quad t_msr_sysenter_esp
-    .quad t_msr_kernel_gs_base
-    .quad t_pat_invalid
-    .quad t_rdtsc
-    .quad t_cpuid
-    .quad t_cr8
-    .quad t_cr8_tpr
-    .quad t_port_unassigned
-    .quad t_apic_base_msr
-    .quad t_apic_enable              /* the tests below need the APIC enabled */
-    .quad t_apic_id_version
-    .quad t_apic_timer_oneshot
-    .quad t_apic_timer_periodic
-    .quad t_fw_cfg_cpus              /* the SMP tests below need ncpus */
-    .quad t_smp_ap_online
-    .quad t_smp_ipi
-    .quad 0
-    .text
+/* cmdline() -> rax = the multiboot command line, or 0 (mbi flags bit 2,
+ * field at offset 16: multiboot spec 3.3) */
+cmdline:
+    xor %eax, %eax
+    mov boot_ebx(%rip), %rdx
+    test %rdx, %rdx
+    jz 1f
+    testl $1 << 2, (%rdx)
+    jz 1f
+    mov 16(%rdx), %eax
+1:  ret
+
+/* excluded(rdi = test ID) -> eax = 1 if the command line has the word "-ID" */
+excluded:
+    push %rdi
+    call cmdline
+    pop %rdi
+    mov %rax, %rsi
+    test %rsi, %rsi
+    jz 6f
+1:  movzbl (%rsi), %eax             /* skip blanks */
+    test %eax, %eax
+    jz 6f
+    cmp $' ', %eax
+    jne 2f
+    inc %rsi
+    jmp 1b
+2:  cmp $'-', %eax
+    jne 5f
+    lea 1(%rsi), %rdx               /* compare the word after '-' with the ID */
+    mov %rdi, %rcx
+3:  movzbl (%rcx), %eax
+    test %eax, %eax
+    jz 4f
+    cmpb %al, (%rdx)
+    jne 5f
+    inc %rcx
+    inc %rdx
+    jmp 3b
+4:  movzbl (%rdx), %eax             /* the ID ended: a match if the word did too */
+    test %eax, %eax
+    jz 7f
+    cmp $' ', %eax
+    je 7f
+5:  movzbl (%rsi), %eax             /* skip to the end of this word */
+    test %eax, %eax
+    jz 6f
+    cmp $' ', %eax
+    je 1b
+    inc %rsi
+    jmp 5b
+6:  xor %eax, %eax
+    ret
+7:  mov $1, %eax
+    ret
+
 
 /* ------------------------------------------------------------------ */
 /* Boot and modes */
@@ -205,27 +292,28 @@ tests:
  * paging, IF and VM clear. */
 t_multiboot_entry:
     push %rbx
-    TEST_BEGIN
     EXPECT_EQ boot_eax(%rip), $MB_BOOTLOADER_MAGIC
     EXPECT_MASK boot_cr0(%rip), CR0_PE + CR0_PG, CR0_PE
     EXPECT_MASK boot_eflags(%rip), (1 << 9) + (1 << 17), 0
     mov boot_ebx(%rip), %rbx
     EXPECT_RANGE %rbx, $1, $0x100000000
-    REPORT "multiboot entry state (EAX=0x2badb002, EBX=mbi, PE=1, PG=0, IF=0)"
     pop %rbx
     ret
 
-/* SDM 9.8.5: LMA is set by CR0.PG with LME; LAR shows CS.L=1, CS.D=0 (SDM 5.2.1) */
+/* SDM 9.8.5: LMA is set by CR0.PG with LME; CS.L=1, CS.D=0 (SDM 5.2.1) */
 t_long_mode:
     push %rbx
-    TEST_BEGIN
     RDMSR64 MSR_EFER
     mov %rax, %rbx
     EXPECT_MASK %rbx, EFER_LME + EFER_LMA, EFER_LME + EFER_LMA
+    /* CS's descriptor, found through GDTR (LAR would be simpler, but KVM's
+     * instruction emulator cannot run it when a nested host makes it exit) */
+    sgdt gdtr_copy(%rip)
+    mov gdtr_copy + 2(%rip), %rbx
     mov %cs, %eax
-    lar %ax, %ebx
-    EXPECT_MASK %rbx, (1 << 21) + (1 << 22), 1 << 21
-    REPORT "long mode active (EFER.LMA=1, CS.L=1, CS.D=0)"
+    and $~7, %eax
+    mov (%rbx, %rax), %rbx
+    EXPECT_MASK %rbx, (1 << 53) + (1 << 54), 1 << 53
     pop %rbx
     ret
 
@@ -233,96 +321,78 @@ t_long_mode:
 /* Exceptions through the IDT */
 
 t_ud:
-    TEST_BEGIN
     TRY ud2
     EXPECT_FAULT 6, 0
     /* IST=0 gate in ring 0: no stack switch (SDM 6.14.2) */
     lea bsp_stack(%rip), %r8
     lea bsp_stack_top(%rip), %r9
     EXPECT_RANGE exc_rsp(%rip), %r8, %r9
-    REPORT "#UD from ud2, delivered on the current stack"
     ret
 
 t_de:
-    TEST_BEGIN
     mov $1, %eax
     xor %edx, %edx
     xor %ecx, %ecx
     TRY div %ecx
     EXPECT_FAULT 0, 0
-    REPORT "#DE from div by 0"
     ret
 
 t_bp:
-    TEST_BEGIN
     TRY int3
     EXPECT_TRAP 3
-    REPORT "#BP from int3 (RIP after int3)"
     ret
 
 /* SDM 6.14.5: the IST pointer is loaded unconditionally, then aligned to 16
  * (SDM 6.14.2), and SS, RSP, RFLAGS, CS, RIP are pushed: 40 bytes. */
 t_bp_ist:
-    TEST_BEGIN
     TRY int3
     EXPECT_TRAP 3
     lea ist1_top - 40(%rip), %r8
     EXPECT_EQ exc_rsp(%rip), %r8
-    REPORT "#BP through an IST1 gate runs on the IST1 stack"
     ret
 
 t_int80:
-    TEST_BEGIN
     TRY int $VEC_SYSCALL
     EXPECT_TRAP VEC_SYSCALL
-    REPORT "int $0x80 software interrupt"
     ret
 
 /* SDM 3.3.7.1: a non-canonical data reference (not via SS) is #GP(0) */
 t_noncanonical:
     push %rbx
-    TEST_BEGIN
     mov $0x8000000000000000, %rbx
     TRY mov (%rbx), %rax
     EXPECT_FAULT 13, 0
-    REPORT "#GP(0) on a non-canonical address"
     pop %rbx
     ret
 
 /* SDM 4.7: error code P=0 W/R=0 for a read of a not-present page, CR2 = address */
 t_pf_read:
     push %rbx
-    TEST_BEGIN
     mov $NP_PAGE + 0x123, %rbx
     TRY mov (%rbx), %rax
     EXPECT_FAULT 14, 0
     EXPECT_EQ exc_cr2(%rip), %rbx
-    REPORT "#PF(0) on read of a not-present page, CR2 = address"
     pop %rbx
     ret
 
 t_pf_write:
     push %rbx
-    TEST_BEGIN
     mov $NP_PAGE + 0x456, %rbx
     TRY movl $1, (%rbx)
     EXPECT_FAULT 14, 2
     EXPECT_EQ exc_cr2(%rip), %rbx
-    REPORT "#PF(W) on write to a not-present page, CR2 = address"
     pop %rbx
     ret
 
 /* SDM 4.6.1: with CR0.WP=1 supervisor writes honour R/W; error P|W */
 t_pf_ro:
     push %rbx
-    TEST_BEGIN
     mov $RO_PAGE + 8, %rbx
     TRY mov (%rbx), %rax
     EXPECT_NO_FAULT
     TRY movl $1, (%rbx)
     EXPECT_FAULT 14, 3
     EXPECT_EQ exc_cr2(%rip), %rbx
-    REPORT "#PF(P|W) on write to a read-only page with CR0.WP=1"
     pop %rbx
     ret
 
@@ -331,17 +401,14 @@ t_pf_ro:
 
 /* SDM RDMSR: #GP(0) if ECX names a reserved or unimplemented MSR */
 t_rdmsr_unknown:
-    TEST_BEGIN
     mov $0xdeadbeef, %ecx
     TRY rdmsr
     EXPECT_FAULT 13, 0
-    REPORT "#GP(0) from rdmsr of unknown MSR 0xdeadbeef"
     ret
 
 /* SDM 2.2.1 / KVM kvm_valid_efer: EFER bit 1 is reserved */
 t_wrmsr_efer_reserved:
     push %rbx
-    TEST_BEGIN
     RDMSR64 MSR_EFER
     mov %rax, %rbx
     or $1 << 1, %rax
@@ -354,14 +421,12 @@ t_wrmsr_efer_reserved:
     mov %rbx, %rax                  /* put EFER back if the write got through */
     WRMSR64 MSR_EFER
     wrmsr
-    REPORT "#GP(0) from wrmsr of reserved EFER bit 1"
     pop %rbx
     ret
 
 /* SDM 2.5: CR4 bits 63:33 are reserved; MOV CR4 #GP(0) on setting one */
 t_cr4_reserved:
     push %rbx
-    TEST_BEGIN
     mov %cr4, %rbx
     mov %rbx, %rax
     bts $63, %rax
@@ -370,14 +435,12 @@ t_cr4_reserved:
     mov %cr4, %r8
     EXPECT_EQ %r8, %rbx
     mov %rbx, %cr4
-    REPORT "#GP(0) from mov to CR4 with reserved bit 63"
     pop %rbx
     ret
 
 /* SDM MOV CR: #GP(0) on invalid CR0 combinations: NW=1 with CD=0 */
 t_cr0_nw:
     push %rbx
-    TEST_BEGIN
     mov %cr0, %rbx
     mov %rbx, %rax
     or $CR0_NW, %rax
@@ -387,14 +450,12 @@ t_cr0_nw:
     mov %cr0, %r8
     EXPECT_EQ %r8, %rbx
     mov %rbx, %cr0
-    REPORT "#GP(0) from mov to CR0 with NW=1, CD=0"
     pop %rbx
     ret
 
 /* SDM MOV CR: #GP(0) on PG=1 with PE=0 (KVM kvm_is_valid_cr0) */
 t_cr0_pg_no_pe:
     push %rbx
-    TEST_BEGIN
     mov %cr0, %rbx
     mov %rbx, %rax
     and $~CR0_PE, %rax
@@ -403,7 +464,6 @@ t_cr0_pg_no_pe:
     mov %cr0, %r8
     EXPECT_EQ %r8, %rbx
     mov %rbx, %cr0
-    REPORT "#GP(0) from mov to CR0 with PG=1, PE=0"
     pop %rbx
     ret
 
@@ -412,7 +472,6 @@ t_cr0_pg_no_pe:
 
 /* Every PAT entry is a valid type (0, 1, 4, 5, 6, 7) (SDM 11.12.2) */
 t_msr_pat:
-    TEST_BEGIN
     mov $0x0007010600070106, %rax
     WRMSR64 MSR_PAT
     wrmsr
@@ -423,12 +482,10 @@ t_msr_pat:
     mov $PAT_DEFAULT, %rax
     WRMSR64 MSR_PAT
     wrmsr
-    REPORT "IA32_PAT write/read round trip"
     ret
 
 /* A 32-bit value: AMD keeps only SYSENTER_ESP[31:0] (APM vol. 2, 6.1.1) */
 t_msr_sysenter_esp:
-    TEST_BEGIN
     mov $0x12345678, %eax
     WRMSR64 MSR_SYSENTER_ESP
     wrmsr
@@ -438,12 +495,10 @@ t_msr_sysenter_esp:
     xor %eax, %eax
     WRMSR64 MSR_SYSENTER_ESP
     wrmsr
-    REPORT "IA32_SYSENTER_ESP write/read round trip"
     ret
 
 /* Canonical, so valid on every vendor (SDM WRMSR: non-canonical is #GP) */
 t_msr_kernel_gs_base:
-    TEST_BEGIN
     mov $0xffff888000001000, %rax
     WRMSR64 MSR_KERNEL_GS_BASE
     wrmsr
@@ -454,12 +509,10 @@ t_msr_kernel_gs_base:
     xor %eax, %eax
     WRMSR64 MSR_KERNEL_GS_BASE
     wrmsr
-    REPORT "IA32_KERNEL_GS_BASE write/read round trip"
     ret
 
 /* SDM 11.12.2: PAT types 2 and 3 are reserved; WRMSR #GP(0). PAT keeps its value. */
 t_pat_invalid:
-    TEST_BEGIN
     mov $(PAT_DEFAULT & ~0xff) | 2, %rax
     WRMSR64 MSR_PAT
     TRY wrmsr
@@ -471,7 +524,6 @@ t_pat_invalid:
     mov $PAT_DEFAULT, %rax
     WRMSR64 MSR_PAT
     wrmsr
-    REPORT "#GP(0) from wrmsr of IA32_PAT with reserved type 2"
     ret
 
 /* ------------------------------------------------------------------ */
@@ -481,7 +533,6 @@ t_rdtsc:
     push %r12
     push %r13
     push %r14
-    TEST_BEGIN
     rdtsc
     shl $32, %rdx
     or %rax, %rdx
@@ -496,7 +547,6 @@ t_rdtsc:
     mov %rdx, %r14
     EXPECT_BELOW %r12, %r13
     EXPECT_BELOW %r13, %r14
-    REPORT "rdtsc strictly increasing"
     pop %r14
     pop %r13
     pop %r12
@@ -505,7 +555,6 @@ t_rdtsc:
 t_cpuid:
     push %rbx
     push %r12
-    TEST_BEGIN
     xor %eax, %eax
     xor %ecx, %ecx
     cpuid
@@ -519,18 +568,16 @@ t_cpuid:
     cpuid
     mov %edx, %r12d
     EXPECT_MASK %r12, 1 << 9, 1 << 9     /* CPUID.1:EDX.APIC */
-    COMMENT "# cpuid vendor: "
+    PRINT "# cpuid vendor: "
     lea vendor(%rip), %rdi
     call puts
     mov $'\n', %edi
     call putc
-    REPORT "CPUID vendor string non-empty, leaf 1 reports an APIC"
     pop %r12
     pop %rbx
     ret
 
 t_cr8:
-    TEST_BEGIN
     mov $5, %eax
     mov %rax, %cr8
     mov %cr8, %r8
@@ -539,13 +586,11 @@ t_cr8:
     mov %rax, %cr8
     mov %cr8, %r8
     EXPECT_EQ %r8, $0
-    REPORT "CR8 write/read round trip"
     ret
 
 /* SDM 11.8.6.1: CR8[3:0] is TPR[7:4], in both directions */
 t_cr8_tpr:
     push %rbx
-    TEST_BEGIN
     mov $9, %eax
     mov %rax, %cr8
     mov $APIC_TPR, %edi
@@ -559,13 +604,11 @@ t_cr8_tpr:
     EXPECT_EQ %rbx, $3
     xor %eax, %eax
     mov %rax, %cr8
-    REPORT "CR8 mirrors APIC TPR[7:4]"
     pop %rbx
     ret
 
 /* Nothing decodes port 0x278 (LPT2) on this machine: the bus floats high */
 t_port_unassigned:
-    TEST_BEGIN
     mov $0x278, %dx
     xor %eax, %eax
     in %dx, %al
@@ -580,7 +623,6 @@ t_port_unassigned:
     mov %rax, %r8
     mov $0xffffffff, %r9
     EXPECT_EQ %r8, %r9
-    REPORT "in from unassigned port 0x278 reads all ones (8/16/32-bit)"
     ret
 
 /* ------------------------------------------------------------------ */
@@ -588,22 +630,18 @@ t_port_unassigned:
 
 /* SDM 11.4.4: base 0xfee00000, EN (bit 11), BSP (bit 8) on the boot CPU */
 t_apic_base_msr:
-    TEST_BEGIN
     RDMSR64 MSR_APIC_BASE
     mov %rax, %r8
     EXPECT_MASK %r8, 0xfffff900, 0xfee00900
-    REPORT "IA32_APIC_BASE: 0xfee00000, enabled, BSP"
     ret
 
 t_apic_enable:
     push %rbx
-    TEST_BEGIN
     call apic_enable
     mov $APIC_SPIV, %edi
     call apic_read
     mov %eax, %ebx
     EXPECT_MASK %rbx, 0x1ff, APIC_SPIV_ENABLE + VEC_SPURIOUS
-    REPORT "APIC software-enabled via SPIV (0xfee000f0)"
     pop %rbx
     ret
 
@@ -611,7 +649,6 @@ t_apic_enable:
  * version is 0x1X, with at least the timer/LINT0/LINT1/error LVTs */
 t_apic_id_version:
     push %rbx
-    TEST_BEGIN
     mov $APIC_ID, %edi
     call apic_read
     mov %eax, %ebx
@@ -624,29 +661,43 @@ t_apic_id_version:
     shr $16, %ebx
     and $0xff, %ebx
     EXPECT_RANGE %rbx, $3, $0x100
-    REPORT "APIC ID 0 on the BSP, version 0x1X with >= 4 LVT entries"
     pop %rbx
     ret
 
 /* SDM 11.5.4: one-shot counts down from TMICT to 0, interrupts once, stays 0.
- * The count is checked to be moving before hlt, so a dead timer fails
- * instead of sleeping forever. */
+ * The count is checked to be moving (or the interrupt pending) before hlt,
+ * so a dead timer fails instead of sleeping forever. */
 t_apic_timer_oneshot:
     push %rbx
     push %r12
-    TEST_BEGIN
+    push %r13
     movl $0, irq_count + VEC_TIMER * 4(%rip)
     rdtsc
     shl $32, %rdx
     or %rax, %rdx
     mov %rdx, %r12
-    mov $100000, %edi
+    mov $10000000, %edi             /* 10 ms: TCG can spend 100s of us translating the code below */
     call apic_timer_oneshot
     mov $APIC_TMCCT, %edi
     call apic_read
     mov %eax, %ebx
-    EXPECT_RANGE %rbx, $1, $100000 + 1
-    cmpb $0, test_ok(%rip)
+    EXPECT_RANGE %rbx, $0, $10000000 + 1
+    test %ebx, %ebx
+    jnz 3f
+    /* Already expired (a descheduled oracle vCPU): then it must be pending in IRR
+     * (SDM 11.8.4). QEMU may count TMCCT down to 0 a little before its timer
+     * callback sets IRR, hence a bounded poll; an exact engine passes at once. */
+    mov $100000, %r13d
+4:  mov $APIC_IRR + (VEC_TIMER / 32) * 0x10, %edi
+    call apic_read
+    mov %eax, %ebx
+    test $1 << (VEC_TIMER % 32), %ebx
+    jnz 5f
+    dec %r13d
+    jnz 4b
+5:
+    EXPECT_MASK %rbx, 1 << (VEC_TIMER % 32), 1 << (VEC_TIMER % 32)
+3:  cmpb $0, test_ok(%rip)
     je 2f
     mov $1000, %ebx                 /* hlt wake-ups allowed before giving up */
 1:  cmpl $0, irq_count + VEC_TIMER * 4(%rip)
@@ -667,11 +718,11 @@ t_apic_timer_oneshot:
     call apic_read
     mov %eax, %ebx
     EXPECT_EQ %rbx, $0
-    COMMENT "# timer interrupt after "
+    PRINT "# timer interrupt after "
     mov %r12, %rdi
     call putdec
-    COMMENT " TSC ticks\n"
-    REPORT "APIC timer one-shot fires vector 0x40 once (sti; hlt)"
+    PRINT " TSC ticks\n"
+    pop %r13
     pop %r12
     pop %rbx
     ret
@@ -679,7 +730,6 @@ t_apic_timer_oneshot:
 /* SDM 11.5.4: periodic mode reloads TMICT and fires again */
 t_apic_timer_periodic:
     push %rbx
-    TEST_BEGIN
     movl $0, irq_count + VEC_TIMER * 4(%rip)
     mov $APIC_TDCR, %edi
     mov $TDCR_DIV1, %esi
@@ -704,7 +754,6 @@ t_apic_timer_periodic:
     call apic_write
     mov irq_count + VEC_TIMER * 4(%rip), %ebx
     EXPECT_RANGE %rbx, $3, $5
-    REPORT "APIC timer periodic mode fires repeatedly"
     pop %rbx
     ret
 
@@ -713,18 +762,16 @@ t_apic_timer_periodic:
 
 t_fw_cfg_cpus:
     push %rbx
-    TEST_BEGIN
     mov $FW_CFG_NB_CPUS, %edi
     call fw_cfg_read32
     mov %eax, ncpus(%rip)
     mov %eax, %ebx
     EXPECT_RANGE %rbx, $1, $256
-    COMMENT "# fw_cfg NB_CPUS: "
+    PRINT "# fw_cfg NB_CPUS: "
     mov %rbx, %rdi
     call putdec
     mov $'\n', %edi
     call putc
-    REPORT "fw_cfg NB_CPUS (0x05) reads 1..255"
     pop %rbx
     ret
 
@@ -732,10 +779,10 @@ t_smp_ap_online:
     push %rbx
     cmpl $2, ncpus(%rip)
     jae 1f
-    SKIP "AP 1 online in long mode after INIT/SIPI", "1 CPU"
+    SKIP_BECAUSE "fw_cfg reports 1 CPU"
     pop %rbx
     ret
-1:  TEST_BEGIN
+1:
     mov $1, %edi
     call smp_start_ap
     mov %eax, %ebx
@@ -744,7 +791,6 @@ t_smp_ap_online:
     EXPECT_EQ %rbx, $1
     mov ap_efer(%rip), %ebx
     EXPECT_MASK %rbx, EFER_LMA, EFER_LMA
-    REPORT "AP 1 online in long mode after INIT/SIPI"
     pop %rbx
     ret
 
@@ -752,10 +798,10 @@ t_smp_ipi:
     push %rbx
     cmpl $2, ncpus(%rip)
     jae 1f
-    SKIP "IPI round trip between 2 vCPUs", "1 CPU"
+    SKIP_BECAUSE "fw_cfg reports 1 CPU"
     pop %rbx
     ret
-1:  TEST_BEGIN
+1:
     movl $0, irq_count + VEC_PONG * 4(%rip)
     movl $0, irq_count + VEC_PING * 4(%rip)
     mov $1, %edi
@@ -768,7 +814,6 @@ t_smp_ipi:
     EXPECT_EQ %rbx, $1
     mov irq_count + VEC_PONG * 4(%rip), %ebx
     EXPECT_EQ %rbx, $1
-    REPORT "IPI round trip between 2 vCPUs (0x50 to AP, 0x51 back)"
     pop %rbx
     ret
 
@@ -791,6 +836,10 @@ report:
     lea s_not_ok(%rip), %rdi
     call puts
     call put_num_name
+    lea s_check(%rip), %rdi
+    call puts
+    mov fail_check(%rip), %rdi
+    call putdec
     lea s_got(%rip), %rdi
     call puts
     mov fail_got(%rip), %rdi
@@ -882,10 +931,12 @@ tap_finish:
 s_ok:     .asciz "ok "
 s_not_ok: .asciz "not ok "
 s_dash:   .asciz " - "
-s_got:    .asciz " (got "
+s_check:  .asciz " (check "
+s_got:    .asciz ": got "
 s_want:   .asciz " want "
 s_last:   .asciz "; last exception vec "
 s_skip:   .asciz " # SKIP "
+s_excluded: .asciz "excluded on the command line"
 s_plan:   .asciz "1.."
 s_skipn:  .asciz "\n# skip "
 s_pass:   .asciz "\n# pass "
@@ -899,6 +950,10 @@ n_fail:    .quad 0
 n_skip:    .quad 0
 fail_got:  .quad 0
 fail_want: .quad 0
+fail_check: .quad 0
+check_no:  .quad 0
+skip_reason: .quad 0
+gdtr_copy: .skip 10
 ncpus:     .long 0
 vendor:    .long 0, 0, 0, 0         /* 12 characters and a NUL */
 test_ok:   .byte 0
