@@ -23,7 +23,7 @@ class FakeHost:
         self.inits = 0
         self.sipis: list[int] = []
 
-    def clock(self) -> int:
+    def now(self) -> int:
         return self.now
 
     def kick(self) -> None:

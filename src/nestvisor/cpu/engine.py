@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import struct
-
-import capstone
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
 
+import capstone
 from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_READ, UC_PROT_WRITE, Uc
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as X
@@ -56,6 +55,7 @@ class RaisedException:
     error_code: int | None
     software: bool     # INT n / INT3 / INTO: return address is next_rip
     next_rip: int
+    cr2: int | None = None   # #PF: the faulting address (unicorn may clobber CR2 after the hook)
 
 
 @dataclass(slots=True)
@@ -455,7 +455,8 @@ class ExecContext:
             is_int = bool(self.ctx.u32(C.OFF_EXCEPTION_IS_INT))
             next_rip = self.ctx.u64(C.OFF_EXCEPTION_NEXT_EIP)
             ec = self.ctx.u32(C.OFF_ERROR_CODE) if (intno in _ERROR_CODE_VECTORS and not is_int) else None
-            self.exception = RaisedException(intno, ec, is_int, next_rip)
+            cr2 = self.reg_cr(2) if intno == 14 and not is_int else None
+            self.exception = RaisedException(intno, ec, is_int, next_rip, cr2)
         except BaseException as e:  # noqa: BLE001
             self._error = e
         self.uc.emu_stop()

@@ -14,7 +14,7 @@ The vCPU drives it through a small surface:
 * time: `next_deadline()`, `update_timer(now)`.
 * INIT / power-on: `reset(init_event)`; migration: `snapshot()`, `restore(state)`.
 
-Time: the vCPU's virtual ns (`ApicHost.clock()`), TSC = 1 tick per ns (+ `tsc_offset`),
+Time: the vCPU's virtual ns (`ApicHost.now()`), TSC = 1 tick per ns (+ `tsc_offset`),
 APIC bus = 1 tick per ns before the TDCR divider. Every guest-visible access first
 catches the timer up to "now", so the model is exact however rarely the vCPU calls
 `update_timer()`; `next_deadline()` only tells the vCPU when to wake up.
@@ -40,7 +40,7 @@ _MASK32 = 0xFFFFFFFF
 class ApicHost(Protocol):
     """What the Lapic needs from its vCPU."""
 
-    def clock(self) -> int:
+    def now(self) -> int:
         """Virtual ns this vCPU has lived (1 retired instruction = 1 ns)."""
         ...
 
@@ -102,7 +102,7 @@ class Lapic:
         self.x2apic_supported = x2apic_supported
         self.tsc_deadline_supported = tsc_deadline_supported
         self.nr_lvt = nr_lvt
-        # Guest TSC = host.clock() + tsc_offset (TSC runs at 1 GHz).
+        # Guest TSC = host.now() + tsc_offset (TSC runs at 1 GHz).
         self.tsc_offset = 0
         # KVM_X86_QUIRK_LAPIC_MMIO_HOLE (on by default): a disabled or x2APIC-mode APIC
         # still claims its page, reads return all ones and writes are dropped.
@@ -658,7 +658,7 @@ class Lapic:
             self._target = None  # TMICT = 0 stops the timer (SDM 11.5.4)
             return
         delay = self._period if initial_ns is None else initial_ns
-        self._target = self.host.clock() + delay
+        self._target = self.host.now() + delay
 
     def _set_tdcr(self, value: int) -> None:
         """KVM APIC_TDCR write + update_target_expiration: rescale the time left."""
@@ -669,7 +669,7 @@ class Lapic:
             return
         self._period = self._tmict_to_ns(self.get_reg(A.APIC_TMICT))
         if self._target is not None:
-            now = self.host.clock()
+            now = self.host.now()
             remaining = max(self._target - now, 0)
             self._target = now + remaining * self.divide_count // old_divisor
 
@@ -683,7 +683,7 @@ class Lapic:
             return 0  # KVM __apic_read: TMCCT reads 0 in TSC-deadline mode
         if not self.get_reg(A.APIC_TMICT) or not self._period or self._target is None:
             return 0
-        remaining = self._target - self.host.clock()
+        remaining = self._target - self.host.now()
         if remaining <= 0:
             return 0
         return min(remaining, self._period) // (A.APIC_BUS_CYCLE_NS * self.divide_count)
@@ -707,7 +707,7 @@ class Lapic:
         self._sync_timer()
         self._tscdeadline = value & ((1 << 64) - 1)
         # KVM start_sw_tscdeadline: a deadline already passed fires now.
-        self.update_timer(self.host.clock())
+        self.update_timer(self.host.now())
 
     def _expiry(self) -> int | None:
         """Virtual ns of the next timer expiry, whatever it would deliver."""
@@ -751,7 +751,7 @@ class Lapic:
         """Catch the timer up to the present before any guest-visible access."""
         expiry = self._expiry()
         if expiry is not None:
-            self.update_timer(self.host.clock())
+            self.update_timer(self.host.now())
 
     # --- save / restore (KVM kvm_apic_get_state / kvm_apic_set_state) ----------------------------
 
@@ -763,7 +763,7 @@ class Lapic:
             for i in range(A.APIC_ISR_NR):
                 _U32.pack_into(regs, base + 0x10 * i, (bits >> (32 * i)) & _MASK32)
         _U32.pack_into(regs, A.APIC_TMCCT, self._get_tmcct())
-        now = self.host.clock()
+        now = self.host.now()
         return LapicState(
             regs=bytes(regs),
             timer_armed=self._target is not None,
@@ -814,11 +814,11 @@ class Lapic:
             if state.timer_armed is None:  # bare KVM bytes: derive from TMCCT
                 remaining = min(self._tmict_to_ns(tmcct), self._period)
                 if remaining:
-                    self._target = self.host.clock() + remaining
+                    self._target = self.host.now() + remaining
                 elif self.timer_mode == A.APIC_LVT_TIMER_PERIODIC:
-                    self._target = self.host.clock() + self._period
+                    self._target = self.host.now() + self._period
             elif state.timer_armed:
-                self._target = self.host.clock() + state.timer_remaining_ns
+                self._target = self.host.now() + state.timer_remaining_ns
         if self._highest_irr_for_ppr(self.get_reg(A.APIC_PROCPRI)) is not None:
             self.host.kick()  # KVM: KVM_REQ_EVENT after set_state
 

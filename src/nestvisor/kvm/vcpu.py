@@ -191,11 +191,11 @@ class Vcpu:
         vm.apic_bus.attach(self.lapic)
         self.ctx.map_mmio(APIC_MMIO, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
         self.clock = 0
-        self.tsc_offset = 0
         self.run_until = INFINITY
         self.msr_values: dict[str, int] = {}
         self.mp_state = U.KVM_MP_STATE_RUNNABLE if vcpu_id == 0 else U.KVM_MP_STATE_UNINITIALIZED
         self.pending_exception: tuple[int, int | None] | None = None
+        self.exception_payload: int | None = None   # #PF address for CR2 (KVM's exception payload)
         self.nmi_pending = 0
         self.ext_interrupts: list[int] = []
         self.init_pending = False
@@ -214,10 +214,13 @@ class Vcpu:
         """Virtual ns: the vCPU clock, including instructions of the slice in progress."""
         return self.clock + (self.ctx.trap.icount if self._running else 0)
 
-    clock_now = now
+    @property
+    def tsc_offset(self) -> int:
+        return self.lapic.tsc_offset
 
-    def clock_fn(self) -> int:
-        return self.now()
+    @tsc_offset.setter
+    def tsc_offset(self, value: int) -> None:
+        self.lapic.tsc_offset = value   # one TSC for RDTSC, IA32_TSC and the TSC-deadline timer
 
     def kick(self) -> None:
         if self._running:
@@ -351,7 +354,8 @@ class Vcpu:
         if self.pending_exception is not None:
             vector, ec = self.pending_exception
             self.pending_exception = None
-            return self._deliver(vector, EventKind.HARDWARE_EXCEPTION, ec)
+            payload, self.exception_payload = self.exception_payload, None
+            return self._deliver(vector, EventKind.HARDWARE_EXCEPTION, ec, cr2=payload)
         if not self.nmi_pending and not self._interrupt_pending():
             return None
         hf = self.ctx.hflags()
@@ -374,8 +378,11 @@ class Vcpu:
             return self._deliver(vector, EventKind.EXTERNAL_INTERRUPT, None)
         return None
 
-    def _deliver(self, vector: int, kind: EventKind, error_code: int | None, insn_len: int = 0) -> Exit | None:
+    def _deliver(self, vector: int, kind: EventKind, error_code: int | None, insn_len: int = 0,
+                 cr2: int | None = None) -> Exit | None:
         st = self.ctx.get_state()
+        if cr2 is not None:
+            st.cr2 = cr2   # SDM 4.7: #PF loads CR2 with the faulting linear address
         try:
             new = deliver_with_escalation(st, self.vm.phys, vector, kind, error_code, insn_len)
         except DeliveryUnsupported as e:
@@ -400,10 +407,14 @@ class Vcpu:
                 return None
             self.stats[insn.op.name] += 1
             try:
-                return self._emulate_outside(insn)
+                ex = self._emulate_outside(insn)
             except GuestFault as f:
                 self._queue_fault(f)
                 return None
+            # the emulated instruction retired, which ends an STI/MOV SS shadow (SDM 6.8.3)
+            if self.ctx.hflags() & HF_INHIBIT_IRQ:
+                self.ctx.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
+            return ex
         if stop == Stop.EXCEPTION:
             return self._handle_exception()
         if stop == Stop.UNMAPPED:
@@ -420,6 +431,7 @@ class Vcpu:
             if e.vector == 6 and self._hypercall():
                 return None
             self.pending_exception = (e.vector, e.error_code)
+            self.exception_payload = e.cr2
             return None
         rip = self.ctx.rip
         code = self.ctx.read_code(rip, 1)
@@ -441,6 +453,7 @@ class Vcpu:
 
     def _queue_fault(self, f: GuestFault) -> None:
         self.pending_exception = (f.vector, f.error_code)
+        self.exception_payload = getattr(f, "linear", None)
 
     # ---- traps ---------------------------------------------------------------------------
 
