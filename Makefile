@@ -10,7 +10,7 @@ demo: $(STAMP)
 	$(VENV)/bin/nestvisor demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

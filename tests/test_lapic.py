@@ -17,14 +17,14 @@ class FakeHost:
     """An ApicHost with a hand-driven clock that records every event."""
 
     def __init__(self) -> None:
-        self.now = 0
+        self.t = 0
         self.kicks = 0
         self.nmis = 0
         self.inits = 0
         self.sipis: list[int] = []
 
     def now(self) -> int:
-        return self.now
+        return self.t
 
     def kick(self) -> None:
         self.kicks += 1
@@ -248,19 +248,19 @@ def test_one_shot_timer_fires_at_exact_ns_and_tmcct_counts_down() -> None:
     enable(lapic)
     wr(lapic, A.APIC_TDCR, 0b0001)  # divide by 4
     wr(lapic, A.APIC_LVTT, 0xEC)
-    host.now = 1000
+    host.t = 1000
     wr(lapic, A.APIC_TMICT, 100)
     assert lapic.next_deadline() == 1400
     assert rd(lapic, A.APIC_TMCCT) == 100
-    host.now = 1001
+    host.t = 1001
     assert rd(lapic, A.APIC_TMCCT) == 99  # floor((400-1)/4), as KVM
-    host.now = 1200
+    host.t = 1200
     assert rd(lapic, A.APIC_TMCCT) == 50
     assert not lapic.update_timer(1399) and lapic.pending_vector() is None
     assert lapic.update_timer(1400)
     assert lapic.pending_vector() == 0xEC
     assert lapic.next_deadline() is None
-    host.now = 1400
+    host.t = 1400
     assert rd(lapic, A.APIC_TMCCT) == 0
     assert rd(lapic, A.APIC_TMICT) == 100
     assert not lapic.update_timer(5000)  # one-shot: no second expiry
@@ -277,7 +277,7 @@ def test_periodic_timer_rearms_and_coalesces_missed_periods() -> None:
     assert lapic.next_deadline() == 100
     assert lapic.ack_interrupt() == 0x40
     wr(lapic, A.APIC_EOI, 0)
-    host.now = 70
+    host.t = 70
     assert rd(lapic, A.APIC_TMCCT) == 30
     assert lapic.update_timer(260)  # periods at 100, 150, 200, 250 coalesce into one
     assert rd(lapic, A.APIC_IRR + 0x20) == 1
@@ -290,7 +290,7 @@ def test_timer_catches_up_on_register_access() -> None:
     wr(lapic, A.APIC_TDCR, 0b1011)
     wr(lapic, A.APIC_LVTT, 0x61)
     wr(lapic, A.APIC_TMICT, 10)
-    host.now = 15  # the vCPU never called update_timer
+    host.t = 15  # the vCPU never called update_timer
     assert rd(lapic, A.APIC_IRR + 0x30) == 1 << 1  # IRR shows vector 0x61 anyway
 
 
@@ -301,7 +301,7 @@ def test_masked_timer_expiry_is_lost_and_not_a_wakeup() -> None:
     wr(lapic, A.APIC_LVTT, A.APIC_LVT_MASKED | 0x61)
     wr(lapic, A.APIC_TMICT, 10)
     assert lapic.next_deadline() is None
-    host.now = 20
+    host.t = 20
     wr(lapic, A.APIC_LVTT, 0x61)  # unmask after expiry: the expiry already happened
     assert lapic.pending_vector() is None
     assert rd(lapic, A.APIC_TMCCT) == 0
@@ -313,7 +313,7 @@ def test_tmict_zero_stops_timer_and_tdcr_change_rescales() -> None:
     wr(lapic, A.APIC_TDCR, 0b1011)
     wr(lapic, A.APIC_LVTT, 0x61)
     wr(lapic, A.APIC_TMICT, 100)
-    host.now = 40
+    host.t = 40
     wr(lapic, A.APIC_TDCR, 0b0000)  # divide by 2: 60 ns left become 120
     assert lapic.next_deadline() == 160
     assert rd(lapic, A.APIC_TMCCT) == 60
@@ -338,7 +338,7 @@ def test_tsc_deadline_timer() -> None:
     wr(lapic, A.APIC_TMICT, 1234)  # ignored in TSC-deadline mode
     assert rd(lapic, A.APIC_TMICT) == 0 and rd(lapic, A.APIC_TMCCT) == 0
     lapic.tsc_offset = 1000  # guest TSC = clock + 1000
-    host.now = 100
+    host.t = 100
     lapic.set_tsc_deadline(1600)
     assert lapic.tsc_deadline == 1600
     assert lapic.next_deadline() == 600
@@ -359,7 +359,7 @@ def test_leaving_tsc_deadline_mode_disarms() -> None:
     lapic.tsc_deadline = 1000
     wr(lapic, A.APIC_LVTT, 0xD0)
     assert lapic.next_deadline() is None and lapic.tsc_deadline == 0
-    host.now = 2000
+    host.t = 2000
     assert lapic.pending_vector() is None
 
 
@@ -645,14 +645,14 @@ def test_snapshot_restore_round_trip_is_exact() -> None:
     lapic.accept_irq(0x55)
     lapic.ack_interrupt()
     lapic.accept_irq(0x33)
-    host.now = 123
+    host.t = 123
     state = lapic.snapshot()
     assert len(state.regs) == 1024
     assert int.from_bytes(state.regs[A.APIC_TMCCT : A.APIC_TMCCT + 4], "little") == 38
     assert state.timer_remaining_ns == 77
 
     _, (other,), (host2,) = make()
-    host2.now = 123
+    host2.t = 123
     other.restore(state)
     assert other.snapshot() == state
     assert other.next_deadline() == 200
@@ -668,10 +668,10 @@ def test_restore_from_bare_kvm_bytes_uses_tmcct() -> None:
     wr(lapic, A.APIC_TDCR, 0b1011)
     wr(lapic, A.APIC_LVTT, 0x40)
     wr(lapic, A.APIC_TMICT, 100)
-    host.now = 30
+    host.t = 30
     regs = lapic.snapshot().regs
     _, (other,), (host2,) = make()
-    host2.now = 1000
+    host2.t = 1000
     other.restore(regs)
     assert other.next_deadline() == 1070
     assert isinstance(lapic.snapshot(), LapicState)

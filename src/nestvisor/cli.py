@@ -2,7 +2,8 @@
 
     nestvisor run KERNEL [--smp N] [-m SIZE] [--append ARGS] [--initrd FILE] [--profile NAME]
                          [--max-insns N]
-    nestvisor demo
+    nestvisor demo [--arch vmx|svm]
+    nestvisor bench [--quick] [--json]
 
 `run` boots a multiboot kernel with COM1 on stdout and exits with the guest's debug-exit status
 (as QEMU does); when the machine stops for another reason, one line on stderr says why.
@@ -55,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     demo_p = sub.add_parser("demo", help="run the bundled nested-virtualization demo")
+    demo_p.add_argument("--arch", choices=("vmx", "svm"), default="vmx",
+                        help="CPU profile (nested VMX/SVM is not implemented yet: engine-only demo)")
     demo_p.set_defaults(func=demo)
+
+    bench_p = sub.add_parser("bench", help="measure guest MIPS and trapped-instruction cost")
+    bench_p.add_argument("--quick", action="store_true", help="10x smaller loops (about a second)")
+    bench_p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    bench_p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -88,6 +96,12 @@ def demo(args: argparse.Namespace) -> int:
 
     status = guest_demo.run(args)
     return int(status or 0)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nestvisor import bench
+
+    return bench.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -260,6 +260,14 @@ class ExecContext:
         for _, lins in self._scanned.values():
             lins.clear()
 
+    def flush_code(self) -> None:
+        """Guest memory may hold new code written behind the CPU's back (by the host):
+        drop every translation, site record and block count."""
+        N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
+        N.traplib.nv_flush_counts(self._tp)
+        self._scanned.clear()
+        self.flush_tlb()
+
     def invalidate_page(self, linear: int) -> None:
         """INVLPG: one linear page's mapping changed."""
         N.uc_ctl0(self.h, N.CTL_TLB_FLUSH)
@@ -337,6 +345,32 @@ class ExecContext:
         if self.ctx.u32(C.OFF_OLD_EXCEPTION) != 0xFFFFFFFF:
             self.ctx.set_u32(C.OFF_OLD_EXCEPTION, 0xFFFFFFFF)
             self.ctx.restore()
+
+    def step(self) -> Stop:
+        """Execute exactly one instruction (unicorn's count mode; rare paths only, since
+        leaving count mode later flushes unicorn's translations)."""
+        t = self.trap
+        t.icount = 0
+        t.budget = TOP
+        t.stop_reason = N.NV_STOP_NONE
+        self.exception = None
+        self.unmapped = None
+        self._error = None
+        self._no_exception_in_flight()
+        err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, 1)
+        self.retired = 1
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+        if self.exception is not None:
+            return Stop.EXCEPTION
+        if self.unmapped is not None:
+            return Stop.UNMAPPED
+        if t.stop_reason == N.NV_STOP_SITE:
+            return Stop.TRAP
+        if err:
+            raise RuntimeError(f"unicorn stopped with error {err} at {self.rip:#x}")
+        return Stop.BUDGET
 
     def request_stop(self) -> None:
         """From inside a callback: stop at the next instruction boundary (e.g. an IPI arrived)."""

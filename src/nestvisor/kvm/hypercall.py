@@ -34,15 +34,22 @@ KVM_EOPNOTSUPP = 95
 HYPERCALL_OPCODES = (bytes.fromhex("0f01c1"), bytes.fromhex("0f01d9"))   # VMCALL, VMMCALL
 
 
-def _send_ipi(v: Vcpu, bitmap_low: int, bitmap_high: int, min_id: int, icr: int) -> int:
-    """KVM kvm_pv_send_ipi: a fixed IPI to APIC IDs min_id + bit for each set bit; returns the count."""
+def _send_ipi(v: Vcpu, bitmap_low: int, bitmap_high: int, min_id: int, icr: int, op_64_bit: bool) -> int:
+    """KVM kvm_pv_send_ipi: a fixed IPI to APIC IDs min + bit, for the bits of two bitmaps."""
+    if icr & (1 << 11) or icr & (3 << 18):
+        return -KVM_EINVAL   # logical destination or a shorthand is refused
+    cluster = 64 if op_64_bit else 32
+    ids = {lap.x2apic_id for lap in v.vm.apic_bus.lapics}
+    max_id = max(ids, default=0)
     count = 0
-    bits = bitmap_low | (bitmap_high << 64)
-    for i in range(128):
-        if bits >> i & 1:
-            dest = (min_id + i) & 0xFFFFFFFF
-            count += v.vm.apic_bus.deliver_irq(dest_id=dest, dest_mode=0, delivery_mode=(icr >> 8) & 7,
-                                               vector=icr & 0xFF, trigger_mode=(icr >> 15) & 1, src=v.lapic)
+    for bitmap, base in ((bitmap_low, min_id), (bitmap_high, min_id + cluster)):
+        if base > max_id:
+            continue   # __pv_send_ipi: nothing to do beyond the highest APIC ID
+        for i in range(min(cluster, max_id - base + 1)):
+            if bitmap >> i & 1 and base + i in ids:
+                count += v.vm.apic_bus.deliver_irq(dest_id=base + i, dest_mode=0, delivery_mode=(icr >> 8) & 7,
+                                                   vector=icr & 0xFF, trigger_mode=(icr >> 15) & 1,
+                                                   level=bool(icr & (1 << 14)), src=v.lapic)
     return count
 
 
@@ -57,7 +64,7 @@ def emulate_hypercall(v: Vcpu, long_mode: bool, cpl: int) -> None:
     elif nr in (KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_SCHED_YIELD):
         ret = 0
     elif nr == KVM_HC_SEND_IPI:
-        ret = _send_ipi(v, a0, a1, a2, a3)
+        ret = _send_ipi(v, a0, a1, a2, a3, long_mode)
     elif nr == KVM_HC_CLOCK_PAIRING:
         ret = -KVM_EOPNOTSUPP
     else:

@@ -189,6 +189,7 @@ class Vcpu:
         self.ctx = ExecContext(vm.phys, self)
         self.lapic = Lapic(vcpu_id, self, vm.apic_bus)
         vm.apic_bus.attach(self.lapic)
+        self._apic_mmio = APIC_MMIO
         self.ctx.map_mmio(APIC_MMIO, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
         self.clock = 0
         self.run_until = INFINITY
@@ -206,6 +207,7 @@ class Vcpu:
         self._completion: _Completion | None = None
         self._outside: Insn | None = None
         self._running = False
+        self._host_writes = -1
         self._reset(init=False)
 
     # ---- ApicHost ----------------------------------------------------------------------
@@ -227,7 +229,9 @@ class Vcpu:
             self.ctx.request_stop()
 
     def deliver_nmi(self) -> None:
-        self.nmi_pending = min(self.nmi_pending + 1, 2)   # KVM: at most two pending NMIs
+        # KVM process_nmi: two NMIs may be pending, but only one while an NMI is being handled
+        limit = 1 if self.ctx.hflags2() & HF2_NMI else 2
+        self.nmi_pending = min(self.nmi_pending + 1, limit)
         self.kick()
 
     def deliver_init(self) -> None:
@@ -286,6 +290,9 @@ class Vcpu:
     def run(self) -> Exit:
         """KVM_RUN: run until an exit userspace must handle; KVM_EXIT_INTR ends a time slice."""
         self.has_run = True
+        if self._host_writes != self.vm.host_writes:
+            self._host_writes = self.vm.host_writes
+            self.ctx.flush_code()
         if self._completion is not None:
             self._complete_userspace()
         while True:
@@ -502,7 +509,7 @@ class Vcpu:
             return (0, 0, 0, 0)
         a, b, c, d = self.cpuid[key]
         if leaf == 1:
-            b = (b & 0x00FFFFFF) | ((self.lapic.xapic_id & 0xFF) << 24)
+            b = (b & 0x00FFFFFF) | ((self.vcpu_id & 0xFF) << 24)   # the initial APIC ID
             if self.ctx.reg_cr(4) & CR4_OSXSAVE:
                 c |= 1 << 27
             if not self.lapic.hw_enabled:
@@ -533,8 +540,8 @@ class Vcpu:
         if self._cpl() > 0:
             raise gp()   # SDM WRMSR: #GP(0) if CPL > 0
         index = self.ctx.gpr(1) & 0xFFFFFFFF
-        if index == M.EFER:
-            return None   # EFER changes hidden state: emulated outside the run
+        if index in (M.EFER, M.IA32_APIC_BASE):
+            return None   # these change hidden state or the memory map: emulated outside the run
         value = (self.ctx.gpr(0) & 0xFFFFFFFF) | ((self.ctx.gpr(2) & 0xFFFFFFFF) << 32)
         msrs.set_msr(self, index, value)
         return self._skip(insn)
@@ -629,8 +636,11 @@ class Vcpu:
             self.ctx.rip = self.ctx.rip + insn.length
             return None
         if op == Op.WRMSR:
+            if self._cpl() > 0:
+                raise gp()
             value = (self.ctx.gpr(0) & 0xFFFFFFFF) | ((self.ctx.gpr(2) & 0xFFFFFFFF) << 32)
             msrs.set_msr(self, self.ctx.gpr(1) & 0xFFFFFFFF, value)
+            self.remap_apic()
             self.ctx.rip = self.ctx.rip + insn.length
             return None
         return Exit(U.KVM_EXIT_INTERNAL_ERROR, internal=InternalError(U.KVM_INTERNAL_ERROR_EMULATION, f"no emulation for {op.name}"))
@@ -788,7 +798,7 @@ class Vcpu:
                 self.ctx.uc.mem_write(mmio.phys_addr, bytes(mmio.data[:mmio.len]))
             self._running = True
             try:
-                stop = self.ctx.run(1)
+                stop = self.ctx.step()
             finally:
                 self._running = False
                 self.clock += self.ctx.retired
@@ -798,6 +808,16 @@ class Vcpu:
         self._handle_stop(stop)
 
     # ---- APIC MMIO --------------------------------------------------------------------
+
+    def remap_apic(self) -> None:
+        """Follow IA32_APIC_BASE: the xAPIC page moves with the base address (SDM 11.4.5)."""
+        base = self.lapic.base_address
+        if base == self._apic_mmio or self.vm.phys.find(base) is not None:
+            return
+        self.ctx.unmap(self._apic_mmio, 0x1000)
+        self.ctx.map_mmio(base, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
+        self._apic_mmio = base
+        self.ctx.flush_tlb()
 
     def _apic_mmio_read(self, offset: int, size: int) -> int:
         if not self.lapic.hw_enabled or self.lapic.x2apic_mode:
@@ -865,6 +885,7 @@ class Vcpu:
             self.lapic.set_apic_base(s.apic_base, host_initiated=True)
         except GuestFault:
             raise einval(f"apic_base {s.apic_base:#x} is invalid (kvm_set_apic_base)") from None
+        self.remap_apic()
         self.ctx.set_state(new)
         self.ctx.flush_tlb()
         self.lapic.set_cr8(s.cr8)

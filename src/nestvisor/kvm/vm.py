@@ -121,6 +121,7 @@ class Vm:
         self.slots: dict[int, MemorySlot] = {}
         self.vcpus: dict[int, Vcpu] = {}
         self.apic_bus = ApicBus()
+        self.host_writes = 0
 
     # KVM_SET_USER_MEMORY_REGION
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int, flags: int = 0) -> None:
@@ -165,6 +166,8 @@ class Vm:
         if s is None or gpa + size > s.end or size < 0:
             raise KvmError(errno.EFAULT, f"[{gpa:#x}, {gpa + size:#x}) is not inside one memory slot")
         off = gpa - s.guest_phys_addr
+        # the caller may write code: vCPUs drop their translations before they next run
+        self.host_writes += 1
         return memoryview(s.host)[off:off + size]
 
     # KVM_CREATE_VCPU

@@ -1,0 +1,209 @@
+"""`nestvisor bench [--quick] [--json]`: how fast the L0 engine runs guest code and traps.
+
+One process, one run of each measurement:
+
+  a. guest MIPS on a straight-line loop under nestvisor (real mode at 0x7c00,
+     `mov ecx,N; dec ecx; jnz; hlt`, run to KVM_EXIT_HLT);
+  b. the same loop on bare unicorn (64-bit code, emu_start up to the hlt);
+  c. µs per trapped CPUID and per trapped RDMSR(IA32_TSC) round trip under nestvisor,
+     the cost of the same loop without the trapping instruction subtracted;
+  d. µs per CPUID on bare unicorn with a Python UC_HOOK_INSN CPUID hook (the binding's
+     per-hook cost) and with a UC_HOOK_CODE hook on the CPUID address.
+
+Wall times are the host's; the instruction counts are exact (vcpu.clock, 1 insn = 1 ns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import unicorn
+from unicorn import x86_const as X
+
+from nestvisor import KVM_EXIT_HLT, KVM_MP_STATE_RUNNABLE, Kvm
+
+LOOP_INSNS = 20_000_000        # straight-line loop, instructions (quick: 2M)
+LOOP_INSNS_QUICK = 2_000_000
+TRAP_ITERATIONS = 20_000       # trapped instructions per loop (quick: 2000)
+TRAP_ITERATIONS_QUICK = 2_000
+IA32_TSC = 0x10
+
+LOOP_ADDR = 0x7C00             # real mode, CS base 0; each guest loop gets its own address
+TRAP_ADDR = 0x8000             # (a fresh address needs no translation-cache invalidation)
+TRAP_STRIDE = 0x400
+UC_BASE = 0x100000
+
+# 16-bit (real mode) encodings
+MOV_ECX16 = b"\x66\xb9"        # mov ecx, imm32
+DEC_ECX16 = b"\x66\x49"
+MOV_ESI16 = b"\x66\xbe"        # mov esi, imm32 (CPUID clobbers ecx, so trap loops count in esi)
+DEC_ESI16 = b"\x66\x4e"
+XOR_EAX16 = b"\x66\x31\xc0"    # CPUID leaf 0 every time
+# 64-bit encodings
+MOV_ECX64 = b"\xb9"
+DEC_ECX64 = b"\xff\xc9"
+MOV_ESI64 = b"\xbe"
+DEC_ESI64 = b"\xff\xce"
+XOR_EAX64 = b"\x31\xc0"
+CPUID = b"\x0f\xa2"
+RDMSR = b"\x0f\x32"
+JNZ = b"\x75"
+HLT = b"\xf4"
+
+
+def _loop(prologue: bytes, body: bytes, dec: bytes) -> bytes:
+    """prologue; 1: body; dec; jnz 1b; hlt."""
+    inner = body + dec
+    return prologue + inner + JNZ + bytes([-(len(inner) + 2) & 0xFF]) + HLT
+
+
+def straight_loop16(iterations: int) -> bytes:
+    return _loop(MOV_ECX16 + struct.pack("<I", iterations), b"", DEC_ECX16)
+
+
+def trap_loop16(iterations: int, body: bytes) -> bytes:
+    prologue = MOV_ECX16 + struct.pack("<I", IA32_TSC) + MOV_ESI16 + struct.pack("<I", iterations)
+    return _loop(prologue, body, DEC_ESI16)
+
+
+class _RealModeGuest:
+    """One vCPU in real mode with CS base 0 over 1 MiB of RAM."""
+
+    def __init__(self) -> None:
+        self.vm = Kvm(profile="vmx").create_vm()
+        self.vm.set_user_memory_region(0, 0, 1 << 20)
+        self.vcpu = self.vm.create_vcpu(0)
+        sregs = self.vcpu.get_sregs()
+        sregs.cs.selector = 0
+        sregs.cs.base = 0
+        self.vcpu.set_sregs(sregs)
+
+    def run(self, addr: int, code: bytes) -> tuple[float, int]:
+        """Run `code` at `addr` to its hlt: (wall seconds, instructions = clock delta)."""
+        self.vm.memory(addr, len(code))[:] = code
+        regs = self.vcpu.get_regs()
+        regs.rip = addr
+        self.vcpu.set_regs(regs)
+        self.vcpu.set_mp_state(KVM_MP_STATE_RUNNABLE)  # the previous loop ended in hlt
+        clock = self.vcpu.clock
+        start = time.perf_counter()
+        ex = self.vcpu.run()
+        wall = time.perf_counter() - start
+        if ex.reason != KVM_EXIT_HLT:
+            raise RuntimeError(f"bench loop at {addr:#x} ended with {ex.name}, not KVM_EXIT_HLT")
+        return wall, self.vcpu.clock - clock
+
+
+def _uc_run(code: bytes, hooks: Sequence[tuple[int, Any, tuple]] = ()) -> float:
+    """Run 64-bit `code` on a bare unicorn up to its final hlt; wall seconds."""
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    uc.mem_map(UC_BASE, 0x1000)
+    uc.mem_write(UC_BASE, code)
+    for kind, callback, extra in hooks:
+        uc.hook_add(kind, callback, None, *extra)
+    start = time.perf_counter()
+    uc.emu_start(UC_BASE, UC_BASE + len(code) - len(HLT))
+    return time.perf_counter() - start
+
+
+def _cpuid_insn_hook(uc: Any, user_data: Any) -> int:
+    return 1  # handled: unicorn skips its own CPUID
+
+
+def _code_hook(uc: Any, address: int, size: int, user_data: Any) -> None:
+    return None
+
+
+def measure(quick: bool = False) -> dict[str, Any]:
+    """Run every measurement once; the results as a flat dict."""
+    loop_insns = LOOP_INSNS_QUICK if quick else LOOP_INSNS
+    k = TRAP_ITERATIONS_QUICK if quick else TRAP_ITERATIONS
+    iterations = loop_insns // 2
+    started = time.perf_counter()
+
+    # a. nestvisor straight-line loop: mov, N x (dec, jnz), hlt
+    guest = _RealModeGuest()
+    expected = 2 * iterations + 2
+    wall, executed = guest.run(LOOP_ADDR, straight_loop16(iterations))
+    nv_mips = executed / wall / 1e6
+
+    # b. bare unicorn: mov, N x (dec, jnz); emu_start stops before the hlt
+    uc_code = _loop(MOV_ECX64 + struct.pack("<I", iterations), b"", DEC_ECX64)
+    uc_mips = (2 * iterations + 1) / _uc_run(uc_code) / 1e6
+
+    # c. trapped CPUID and RDMSR round trips, the bare loop subtracted
+    addrs = iter(range(TRAP_ADDR, TRAP_ADDR + 8 * TRAP_STRIDE, TRAP_STRIDE))
+    base_cpuid, _ = guest.run(next(addrs), trap_loop16(k, XOR_EAX16))
+    with_cpuid, _ = guest.run(next(addrs), trap_loop16(k, XOR_EAX16 + CPUID))
+    base_rdmsr, _ = guest.run(next(addrs), trap_loop16(k, b""))
+    with_rdmsr, _ = guest.run(next(addrs), trap_loop16(k, RDMSR))
+    traps = {name: guest.vcpu.stats[name] for name in ("CPUID", "RDMSR")}
+
+    # d. bare unicorn CPUID with Python hooks
+    uc_prologue = MOV_ESI64 + struct.pack("<I", k)
+    uc_base = _uc_run(_loop(uc_prologue, XOR_EAX64, DEC_ESI64))
+    cpuid_code = _loop(uc_prologue, XOR_EAX64 + CPUID, DEC_ESI64)
+    cpuid_addr = UC_BASE + len(uc_prologue) + len(XOR_EAX64)
+    uc_insn = _uc_run(cpuid_code, [(unicorn.UC_HOOK_INSN, _cpuid_insn_hook, (1, 0, X.UC_X86_INS_CPUID))])
+    uc_code = _uc_run(cpuid_code, [(unicorn.UC_HOOK_CODE, _code_hook, (cpuid_addr, cpuid_addr))])
+
+    us = 1e6 / k
+    return {
+        "quick": quick,
+        "loop_expected_instructions": expected,
+        "loop_instructions": executed,
+        "loop_seconds": wall,
+        "nestvisor_loop_mips": nv_mips,
+        "unicorn_loop_mips": uc_mips,
+        "trap_iterations": k,
+        "trapped": traps,
+        "nestvisor_cpuid_us": (with_cpuid - base_cpuid) * us,
+        "nestvisor_rdmsr_us": (with_rdmsr - base_rdmsr) * us,
+        "unicorn_hook_insn_cpuid_us": (uc_insn - uc_base) * us,
+        "unicorn_hook_code_cpuid_us": (uc_code - uc_base) * us,
+        "total_seconds": time.perf_counter() - started,
+    }
+
+
+def format_table(r: dict[str, Any]) -> str:
+    rows = [
+        (f"guest loop, nestvisor ({r['loop_instructions']:,} insns)", f"{r['nestvisor_loop_mips']:.2f}", "MIPS"),
+        ("guest loop, bare unicorn", f"{r['unicorn_loop_mips']:.2f}", "MIPS"),
+        (f"trapped CPUID, nestvisor ({r['trap_iterations']:,}x)", f"{r['nestvisor_cpuid_us']:.2f}", "µs"),
+        (f"trapped RDMSR IA32_TSC, nestvisor ({r['trap_iterations']:,}x)",
+         f"{r['nestvisor_rdmsr_us']:.2f}", "µs"),
+        ("CPUID, bare unicorn + UC_HOOK_INSN (Python)", f"{r['unicorn_hook_insn_cpuid_us']:.2f}", "µs"),
+        ("CPUID, bare unicorn + UC_HOOK_CODE (Python)", f"{r['unicorn_hook_code_cpuid_us']:.2f}", "µs"),
+        ("total bench time", f"{r['total_seconds']:.2f}", "s"),
+    ]
+    lw = max(len(a) for a, _, _ in rows)
+    vw = max(len(b) for _, b, _ in rows)
+    title = "nestvisor bench" + (" --quick" if r["quick"] else "")
+    return "\n".join([title] + [f"  {a:<{lw}}  {b:>{vw}} {c}" for a, b, c in rows]) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`nestvisor bench` with `argv` (the command's parser, so options match)."""
+    from nestvisor.cli import build_parser
+
+    return run(build_parser().parse_args(["bench", *(sys.argv[1:] if argv is None else argv)]))
+
+
+def run(args: argparse.Namespace) -> int:
+    results = measure(quick=args.quick)
+    if args.json:
+        rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}
+        print(json.dumps(rounded, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

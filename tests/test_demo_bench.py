@@ -1,0 +1,48 @@
+"""`nestvisor demo` and `nestvisor bench` end to end on the real engine."""
+
+import argparse
+import json
+
+from nestvisor import bench
+from nestvisor.guests import demo
+
+
+def test_demo_passes_and_summarises(capsys):
+    assert demo.run(argparse.Namespace(arch="vmx")) == 0
+    out = capsys.readouterr().out
+    assert "demo: nestvisor demo guest, in 64-bit long mode" in out
+    assert "demo: done, exiting with code 0" in out
+    assert "nested VMX is not implemented yet" in out
+    assert "guest exit status: 1 (debug-exit code 0: pass)" in out
+    summary = out[out.index("nestvisor demo summary"):]
+    for kind in ("KVM_EXIT_IO", "CPUID", "RDMSR", "WRMSR", "MOV_TO_CR", "MOV_FROM_CR",
+                 "RDTSC", "HLT", "IN", "OUT"):
+        assert f"\n  {kind} " in summary, kind
+    for vector in ("vector 3   #BP", "vector 6   #UD", "vector 13  #GP", "vector 14  #PF",
+                   "vector 64  interrupt"):
+        assert vector in summary, vector
+
+
+def test_demo_svm_profile(capsys):
+    assert demo.run(argparse.Namespace(arch="svm")) == 0
+    out = capsys.readouterr().out
+    assert "demo: cpuid vendor: AuthenticAMD" in out
+    assert "nested SVM is not implemented yet" in out
+
+
+def test_bench_quick_json(capsys):
+    assert bench.main(["--quick", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    iterations = bench.LOOP_INSNS_QUICK // 2
+    # mov ecx; N x (dec ecx; jnz); hlt, counted by the vCPU clock
+    assert r["loop_instructions"] == r["loop_expected_instructions"] == 2 * iterations + 2
+    assert r["trapped"] == {"CPUID": bench.TRAP_ITERATIONS_QUICK, "RDMSR": bench.TRAP_ITERATIONS_QUICK}
+    for key in ("nestvisor_loop_mips", "unicorn_loop_mips", "nestvisor_cpuid_us", "nestvisor_rdmsr_us",
+                "unicorn_hook_insn_cpuid_us", "unicorn_hook_code_cpuid_us"):
+        assert r[key] > 0, key
+
+
+def test_bench_table(capsys):
+    assert bench.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "MIPS" in out and "trapped CPUID" in out and "µs" in out

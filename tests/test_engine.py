@@ -1,0 +1,283 @@
+"""The engine through the KVM-shaped API, on small real x86 programs assembled here."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+
+import pytest
+
+import nestvisor
+from nestvisor.arch import kvm_uapi as U
+from nestvisor.cpu.sites import scan
+
+pytestmark = pytest.mark.skipif(shutil.which("as") is None, reason="needs GNU as")
+
+ORG = 0x7C00
+
+
+def assemble(source: str, tmp_path) -> bytes:
+    """Assemble a flat program linked at ORG (16-bit start, may switch modes)."""
+    src = tmp_path / "p.S"
+    src.write_text(source)
+    obj = tmp_path / "p.o"
+    out = tmp_path / "p.bin"
+    subprocess.run(["as", "--32", str(src), "-o", str(obj)], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", f"-Ttext={ORG:#x}", "-e", "0", "--oformat", "binary", str(obj), "-o", str(out)],
+                   check=True)
+    return out.read_bytes()
+
+
+def boot(code: bytes, profile: str = "vmx"):
+    kvm = nestvisor.Kvm(profile=profile)
+    vm = kvm.create_vm()
+    vm.set_user_memory_region(0, 0, 4 << 20)
+    vm.memory(ORG, len(code))[:] = code
+    v = vm.create_vcpu(0)
+    s = v.get_sregs()
+    for name in ("cs", "ds", "es", "ss"):
+        seg = getattr(s, name)
+        seg.selector = 0
+        seg.base = 0
+    v.set_sregs(s)
+    r = v.get_regs()
+    r.rip = ORG
+    r.rsp = 0x7000
+    v.set_regs(r)
+    return vm, v
+
+
+# Real mode -> protected mode -> long mode, with an IDT that records exceptions.
+MODES = r"""
+.code16
+start:
+  cli
+  lgdtl gdtr
+  mov %cr0, %eax
+  or $1, %eax
+  mov %eax, %cr0
+  ljmpl $0x08, $pm32
+.code32
+pm32:
+  mov $0x10, %ax
+  mov %ax, %ds
+  mov %ax, %ss
+  mov %ax, %es
+  mov $0x7000, %esp
+  movl $0x4003, 0x3000
+  movl $0x5003, 0x4000
+  movl $0x83, 0x5000          # 2 MiB identity page
+  movl $0x200083, 0x5008
+  mov $0x3000, %eax
+  mov %eax, %cr3
+  mov %cr4, %eax
+  or $0x20, %eax
+  mov %eax, %cr4
+  mov $0xc0000080, %ecx
+  rdmsr
+  or $0x100, %eax
+  wrmsr
+  mov %cr0, %eax
+  or $0x80000000, %eax
+  mov %eax, %cr0
+  ljmpl $0x18, $lm64
+.code64
+lm64:
+  lidt idtr(%rip)
+  # build IDT gates for vectors 0..31 pointing at handler
+  lea idt(%rip), %rdi
+  lea handler(%rip), %rax
+  mov $32, %ecx
+1:
+  mov %ax, (%rdi)
+  movw $0x18, 2(%rdi)
+  movw $0x8e00, 4(%rdi)
+  mov %rax, %rdx
+  shr $16, %rdx
+  mov %edx, 6(%rdi)
+  movl $0, 12(%rdi)
+  add $16, %rdi
+  loop 1b
+  TESTS
+  hlt
+handler:
+  incl count(%rip)
+  mov (%rsp), %rax            # error code (for #GP/#PF) or RIP
+  mov %rax, last(%rip)
+  add $8, %rsp                # drop the error code
+  push %rax
+  mov skip(%rip), %rax
+  add %rax, 8(%rsp)           # skip the faulting instruction
+  pop %rax
+  iretq
+.p2align 3
+count: .quad 0
+last: .quad 0
+skip: .quad 2
+gdt: .quad 0
+  .quad 0x00cf9a000000ffff
+  .quad 0x00cf92000000ffff
+  .quad 0x00af9a000000ffff
+gdtr: .word 31
+  .long gdt
+idtr: .word 32*16-1
+  .long idt, 0
+.p2align 4
+idt: .fill 32*16, 1, 0
+"""
+
+
+def program(tests: str) -> str:
+    return MODES.replace("TESTS", tests)
+
+
+def run_to_halt(v) -> None:
+    ex = v.run()
+    assert ex.reason == U.KVM_EXIT_HLT, ex
+
+
+def test_real_to_long_mode(tmp_path):
+    vm, v = boot(assemble(program("mov $0x1234, %r15"), tmp_path))
+    run_to_halt(v)
+    s = v.get_sregs()
+    assert s.efer & (1 << 10) and s.cs.l == 1 and s.cs.selector == 0x18
+    assert s.cr0 & 0x80000001 == 0x80000001
+    assert v.get_regs().r15 == 0x1234
+    assert v.stats["MOV_TO_CR"] == 4 and v.stats["WRMSR"] == 1 and v.stats["RDMSR"] == 1
+
+
+def test_unknown_msr_gp_through_idt(tmp_path):
+    # rdmsr of an unknown MSR raises #GP(0), delivered through the guest's IDT
+    vm, v = boot(assemble(program("mov $0xdeadbeef, %ecx\n  rdmsr\n  mov count(%rip), %r14\n  mov last(%rip), %r13"), tmp_path))
+    run_to_halt(v)
+    r = v.get_regs()
+    assert r.r14 == 1 and r.r13 == 0          # one #GP, error code 0
+    assert v.stats["deliver_13"] == 1
+
+
+def test_reserved_cr4_bit_gp(tmp_path):
+    vm, v = boot(assemble(program("movq $3, skip(%rip)\n  mov %cr4, %rax\n  bts $63, %rax\n  mov %rax, %cr4\n  mov count(%rip), %r14"), tmp_path))
+    run_to_halt(v)
+    assert v.get_regs().r14 == 1
+    assert not v.get_sregs().cr4 >> 63
+
+
+def test_pat_and_efer_rules(tmp_path):
+    body = """
+  mov $0x277, %ecx
+  mov $0x02020202, %eax        # type 2 is reserved in IA32_PAT
+  mov %eax, %edx
+  wrmsr
+  mov count(%rip), %r14
+  mov $0x277, %ecx
+  mov $0x00070406, %eax
+  mov $0x00070406, %edx
+  wrmsr
+  rdmsr
+  mov %eax, %r13d
+"""
+    vm, v = boot(assemble(program(body), tmp_path))
+    run_to_halt(v)
+    r = v.get_regs()
+    assert r.r14 == 1 and r.r13 == 0x00070406
+
+
+def test_port_io_exits_and_completion(tmp_path):
+    body = """
+  mov $0x3f8, %dx
+  mov $0x41, %al
+  outb %al, %dx
+  mov $0x60, %dx
+  inb %dx, %al
+  movzbl %al, %r12d
+"""
+    vm, v = boot(assemble(program(body), tmp_path))
+    ex = v.run()
+    assert ex.reason == U.KVM_EXIT_IO and ex.io.direction == U.KVM_EXIT_IO_OUT
+    assert (ex.io.port, ex.io.size, bytes(ex.io.data)) == (0x3F8, 1, b"A")
+    ex = v.run()
+    assert ex.reason == U.KVM_EXIT_IO and ex.io.direction == U.KVM_EXIT_IO_IN and ex.io.port == 0x60
+    ex.io.data[0] = 0x5A
+    run_to_halt(v)
+    assert v.get_regs().r12 == 0x5A
+
+
+def test_code_written_at_run_time_is_trapped(tmp_path):
+    # copy "rdmsr; hlt" (0f 32 f4) into a data page and jump there: the site is still found
+    body = """
+  movl $0xf4320f, 0x100000
+  mov $0x10, %ecx
+  mov $0x100000, %rax
+  jmp *%rax
+"""
+    vm, v = boot(assemble(program(body), tmp_path))
+    run_to_halt(v)
+    assert v.stats["RDMSR"] == 2      # the EFER read of the mode switch, and the new code's
+    assert v.get_regs().rip == 0x100003
+
+
+def test_cpuid_deterministic_clock(tmp_path):
+    body = "mov $0, %eax\n  cpuid\n  rdtsc\n  shl $32, %rdx\n  or %rax, %rdx\n  mov %rdx, %r12"
+    code = assemble(program(body), tmp_path)
+    results = []
+    for _ in range(2):
+        vm, v = boot(code)
+        run_to_halt(v)
+        results.append((v.get_regs().r12, v.clock, v.get_regs().rbx))
+    assert results[0] == results[1]
+    assert results[0][2] == 0x756E6547   # "Genu"
+
+
+def test_triple_fault_is_shutdown(tmp_path):
+    # an IDT limit of 0 makes every exception fault again: #GP -> #DF -> shutdown
+    body = "lidt zero(%rip)\n  ud2\nzero: .word 0\n  .quad 0"
+    vm, v = boot(assemble(program(body), tmp_path))
+    ex = v.run()
+    assert ex.reason == U.KVM_EXIT_SHUTDOWN
+
+
+def test_unbacked_memory_is_mmio(tmp_path):
+    body = "mov $0x40000000, %rax\n  movl $0x11223344, (%rax)\n  mov (%rax), %ebx"
+    # map 1 GiB..1 GiB+2 MiB (no RAM there) through a second page directory
+    code = program(body).replace("movl $0x5003, 0x4000", "movl $0x5003, 0x4000\n  movl $0x6003, 0x4008\n  movl $0x40000083, 0x6000")
+    vm, v = boot(assemble(code, tmp_path))
+    ex = v.run()
+    assert ex.reason == U.KVM_EXIT_MMIO and ex.mmio.is_write
+    assert (ex.mmio.phys_addr, ex.mmio.len, bytes(ex.mmio.data)) == (0x40000000, 4, bytes.fromhex("44332211"))
+    ex = v.run()
+    assert ex.reason == U.KVM_EXIT_MMIO and not ex.mmio.is_write
+    ex.mmio.data[:] = bytes.fromhex("efbeadde")
+    run_to_halt(v)
+    assert v.get_regs().rbx == 0xDEADBEEF
+
+
+def test_api_errors_leave_state_unchanged():
+    kvm = nestvisor.Kvm()
+    vm = kvm.create_vm()
+    vm.set_user_memory_region(0, 0, 0x10000)
+    with pytest.raises(nestvisor.KvmError) as e:
+        vm.set_user_memory_region(1, 0x8000, 0x10000)
+    assert e.value.errno == errno.EEXIST
+    with pytest.raises(nestvisor.KvmError) as e:
+        vm.set_user_memory_region(2, 0x123, 0x1000)
+    assert e.value.errno == errno.EINVAL
+    v = vm.create_vcpu(0)
+    with pytest.raises(nestvisor.KvmError):
+        vm.create_vcpu(0)
+    before = v.get_sregs()
+    bad = v.get_sregs()
+    bad.cr0 = 0x80000000   # PG without PE
+    with pytest.raises(nestvisor.KvmError) as e:
+        v.set_sregs(bad)
+    assert e.value.errno == errno.EINVAL and "cr0" in str(e.value)
+    assert v.get_sregs() == before
+    with pytest.raises(nestvisor.KvmError):
+        nestvisor.Kvm(profile="nope")
+
+
+def test_scan_finds_prefixed_sites():
+    code = b"\x90\x48\x0f\x22\xd8" + b"\x0f\x32" + b"\xf3\x90" + b"\x90" * 10
+    sites = scan(code)
+    assert {1, 2, 5, 7} <= set(sites)       # REX-prefixed MOV CR3, RDMSR, PAUSE
+    assert 0 not in sites and 9 not in sites   # plain NOPs are not sites
