@@ -123,7 +123,6 @@ class ExecContext:
         self._scanned: dict[int, tuple[bytes, set[int]]] = {}
         self._decoded: dict[tuple[int, int], Insn | None] = {}
         self._site_hooks: set[int] = set()     # linear addresses with a site hook (never removed)
-        self._retranslate: list[int] = []      # linear pages whose translations lack new site hooks
         self._error: BaseException | None = None
         self.exception: RaisedException | None = None
         self.unmapped: UnmappedAccess | None = None
@@ -268,12 +267,6 @@ class ExecContext:
         self._scanned.clear()
         self.flush_tlb()
 
-    def invalidate_page(self, linear: int) -> None:
-        """INVLPG: one linear page's mapping changed."""
-        N.uc_ctl0(self.h, N.CTL_TLB_FLUSH)
-        N.traplib.nv_drop_page(self._tp, linear >> 12)
-        self._decoded = {k: v for k, v in self._decoded.items() if k[0] >> 12 != linear >> 12}
-
     def paging_regs(self) -> tuple[int, int, int, int]:
         self.ctx.save()
         cr = struct.unpack_from("<5Q", self.ctx.mv, C.OFF_CR)
@@ -318,7 +311,6 @@ class ExecContext:
             # RAM mapped without EXEC, so the whole cache is dropped; this happens once per
             # code page that brings new sites.)
             N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
-            self._retranslate.clear()
             t.stop_reason = N.NV_STOP_NONE
         self.retired = t.icount
         if self._error is not None:
@@ -387,10 +379,7 @@ class ExecContext:
 
     def _on_page(self, linear: int) -> int:
         try:
-            added = self._scan_linear_page(linear & ~0xFFF)
-            if added:
-                self._retranslate.append(linear & ~0xFFF)
-            return added
+            return self._scan_linear_page(linear & ~0xFFF)
         except BaseException as e:  # noqa: BLE001
             self._error = e
             return -1
