@@ -85,6 +85,17 @@ _DISASM = {16: capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_16),
 _ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
 
 
+class _Batch:
+    """Preallocated argument arrays for uc_reg_{read,write}_batch over a fixed register list."""
+
+    def __init__(self, ids: tuple[int, ...]) -> None:
+        self.n = len(ids)
+        self.ids = (ctypes.c_int * self.n)(*ids)
+        self.vals = (ctypes.c_uint64 * self.n)()
+        base = ctypes.addressof(self.vals)
+        self.ptrs = (ctypes.c_void_p * self.n)(*[base + 8 * i for i in range(self.n)])
+
+
 class _UcMsr(ctypes.Structure):
     _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
 
@@ -132,6 +143,7 @@ class ExecContext:
         self._batch_vals = (ctypes.c_uint64 * 16)()
         self._batch_ptrs = (ctypes.c_void_p * 16)(*[ctypes.addressof(self._batch_vals) + 8 * i for i in range(16)])
         self._msr = _UcMsr()
+        self._batches: dict[tuple[int, ...], _Batch] = {}
         self.retired = 0   # instructions executed in the last run()
 
     # ---- memory -------------------------------------------------------------------------
@@ -195,6 +207,25 @@ class ExecContext:
 
     def set_reg_cr(self, n: int, value: int) -> None:
         self.set_reg(_CRS[n], value)
+
+    def read_batch(self, ids: tuple[int, ...]) -> list[int]:
+        """Several registers in one call (the trap handlers' fast path)."""
+        b = self._batches.get(ids)
+        if b is None:
+            b = self._batches[ids] = _Batch(ids)
+        N.uclib.uc_reg_read_batch(self.h, b.ids, b.ptrs, b.n)
+        return list(b.vals)
+
+    def write_batch(self, ids: tuple[int, ...], values: tuple[int, ...] | list[int]) -> None:
+        """Write general registers in one call. RIP is never batched: only uc_reg_write sets
+        unicorn's skip_sync_pc_on_exit, without which a RIP written in a hook is reverted."""
+        b = self._batches.get(ids)
+        if b is None:
+            b = self._batches[ids] = _Batch(ids)
+        vals = b.vals
+        for i, v in enumerate(values):
+            vals[i] = v & TOP
+        N.uclib.uc_reg_write_batch(self.h, b.ids, b.ptrs, b.n)
 
     def gpr(self, n: int) -> int:
         return self.reg(GPRS[n])

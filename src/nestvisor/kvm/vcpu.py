@@ -18,7 +18,7 @@ from ..cpu import native as N
 from ..cpu.context import HF2_NMI, HF_INHIBIT_IRQ
 from ..cpu.decode import Insn, Op
 from ..cpu.delivery import DeliveryUnsupported, EventKind, TripleFault, deliver_with_escalation
-from ..cpu.engine import DREGS, ExecContext, Stop
+from ..cpu.engine import DREGS, GPRS, ExecContext, Stop
 from ..cpu.faults import GuestFault, gp, ud
 from ..cpu.paging import LinearMemory
 from ..cpu.state import ArchState, DescTable, Segment, real_mode_segment
@@ -188,7 +188,6 @@ class Vcpu:
         self._cpuid_max_ext = self.cpuid[(0x80000000, 0)][0]
         self.ctx = ExecContext(vm.phys, self)
         self.lapic = Lapic(vcpu_id, self, vm.apic_bus)
-        vm.apic_bus.attach(self.lapic)
         self._apic_mmio = APIC_MMIO
         self.ctx.map_mmio(APIC_MMIO, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
         self.clock = 0
@@ -207,6 +206,7 @@ class Vcpu:
         self._completion: _Completion | None = None
         self._outside: Insn | None = None
         self._running = False
+        self._pause_yield = False
         self._host_writes = -1
         self._reset(init=False)
 
@@ -409,6 +409,12 @@ class Vcpu:
         if stop == Stop.BUDGET:
             return None
         if stop == Stop.TRAP:
+            if self._pause_yield:
+                # pause-loop exit: the spinning vCPU gives up the rest of its slice; its time
+                # still passes (KVM handle_pause -> kvm_vcpu_on_spin)
+                self._pause_yield = False
+                self.clock = max(self.clock, self.run_until)
+                return Exit(U.KVM_EXIT_INTR)
             insn, self._outside = self._outside, None
             if insn is None:
                 return None
@@ -487,15 +493,11 @@ class Vcpu:
         return N.NV_HANDLED
 
     def _cpuid(self, insn: Insn, rip: int) -> int:
-        leaf = self.ctx.gpr(0) & 0xFFFFFFFF
-        sub = self.ctx.gpr(1) & 0xFFFFFFFF
-        a, b, c, d = self.cpuid_query(leaf, sub)
-        ctx = self.ctx
-        ctx.set_gpr(0, a)
-        ctx.set_gpr(3, b)
-        ctx.set_gpr(1, c)
-        ctx.set_gpr(2, d)
-        return self._skip(insn)
+        leaf, sub = self.ctx.read_batch(_RAX_RCX)
+        a, b, c, d = self.cpuid_query(leaf & 0xFFFFFFFF, sub & 0xFFFFFFFF)
+        self.ctx.write_batch(_RAX_RBX_RCX_RDX, (a, b, c, d))
+        self.ctx.rip = rip + insn.length
+        return N.NV_HANDLED
 
     def cpuid_query(self, leaf: int, sub: int) -> tuple[int, int, int, int]:
         """CPUID as this vCPU answers it (KVM kvm_cpuid), with the per-vCPU dynamic bits."""
@@ -522,29 +524,30 @@ class Vcpu:
         if self.ctx.reg_cr(4) & CR4_TSD and self._cpl() > 0:
             raise gp()   # SDM RDTSC: #GP(0) if CR4.TSD and CPL > 0
         t = self.tsc()
-        self.ctx.set_gpr(0, t & 0xFFFFFFFF)
-        self.ctx.set_gpr(2, t >> 32)
         if insn.op == Op.RDTSCP:
             self.ctx.set_gpr(1, self.msr_values.get("TSC_AUX", 0))
-        return self._skip(insn)
+        self.ctx.write_batch(_RAX_RDX, (t & 0xFFFFFFFF, t >> 32))
+        self.ctx.rip = rip + insn.length
+        return N.NV_HANDLED
 
     def _rdmsr(self, insn: Insn, rip: int) -> int:
         if self._cpl() > 0:
             raise gp()   # SDM RDMSR: #GP(0) if CPL > 0
         value = msrs.get_msr(self, self.ctx.gpr(1) & 0xFFFFFFFF)
-        self.ctx.set_gpr(0, value & 0xFFFFFFFF)
-        self.ctx.set_gpr(2, value >> 32)
-        return self._skip(insn)
+        self.ctx.write_batch(_RAX_RDX, (value & 0xFFFFFFFF, value >> 32))
+        self.ctx.rip = rip + insn.length
+        return N.NV_HANDLED
 
     def _wrmsr(self, insn: Insn, rip: int) -> int | None:
         if self._cpl() > 0:
             raise gp()   # SDM WRMSR: #GP(0) if CPL > 0
-        index = self.ctx.gpr(1) & 0xFFFFFFFF
+        index, eax, edx = self.ctx.read_batch(_RCX_RAX_RDX)
+        index &= 0xFFFFFFFF
         if index in (M.EFER, M.IA32_APIC_BASE):
             return None   # these change hidden state or the memory map: emulated outside the run
-        value = (self.ctx.gpr(0) & 0xFFFFFFFF) | ((self.ctx.gpr(2) & 0xFFFFFFFF) << 32)
-        msrs.set_msr(self, index, value)
-        return self._skip(insn)
+        msrs.set_msr(self, index, (eax & 0xFFFFFFFF) | ((edx & 0xFFFFFFFF) << 32))
+        self.ctx.rip = rip + insn.length
+        return N.NV_HANDLED
 
     def _mov_from_cr(self, insn: Insn, rip: int) -> int:
         if insn.crn not in (0, 2, 3, 4, 8):
@@ -617,6 +620,13 @@ class Vcpu:
 
     def _native(self, insn: Insn, rip: int) -> int:
         return N.NV_CONTINUE
+
+    def _pause(self, insn: Insn, rip: int) -> int:
+        if self.run_until >= INFINITY:
+            return N.NV_CONTINUE   # alone on the machine: nobody to yield to
+        self._pause_yield = True
+        self._skip(insn)
+        return N.NV_HANDLED_STOP
 
     # ---- traps emulated outside the run ------------------------------------------------
 
@@ -1014,6 +1024,11 @@ class Vcpu:
         self.ctx.set_reg(DREGS[5], d.dr7)
 
 
+_RAX_RCX = (GPRS[0], GPRS[1])
+_RCX_RAX_RDX = (GPRS[1], GPRS[0], GPRS[2])
+_RAX_RDX = (GPRS[0], GPRS[2])
+_RAX_RBX_RCX_RDX = (GPRS[0], GPRS[3], GPRS[1], GPRS[2])
+
 # Traps handled inside emulation (fast); the rest stop the run and are emulated outside.
 _IN_HOOK = {
     Op.CPUID: Vcpu._cpuid,
@@ -1026,7 +1041,7 @@ _IN_HOOK = {
     Op.MOV_FROM_DR: Vcpu._mov_dr,
     Op.MOV_TO_DR: Vcpu._mov_dr,
     Op.INVLPG: Vcpu._invlpg,
-    Op.PAUSE: Vcpu._native,
+    Op.PAUSE: Vcpu._pause,
     Op.CLTS: Vcpu._native,
     Op.LMSW: Vcpu._native,
     Op.XSETBV: Vcpu._native,
