@@ -207,6 +207,7 @@ class Vcpu:
         self._outside: Insn | None = None
         self._running = False
         self._pause_yield = False
+        self._ipi_yield = False
         self._host_writes = -1
         self._reset(init=False)
 
@@ -227,6 +228,14 @@ class Vcpu:
     def kick(self) -> None:
         if self._running:
             self.ctx.request_stop()
+            return
+        # An event for a vCPU that is not running came from the one that is (an IPI): the
+        # sender ends its slice so the target runs next (a directed yield, as KVM's
+        # kvm_vcpu_kick wakes the target at once).
+        for other in self.vm.vcpus.values():
+            if other._running:
+                other._ipi_yield = True
+                other.ctx.request_stop()
 
     def deliver_nmi(self) -> None:
         # KVM process_nmi: two NMIs may be pending, but only one while an NMI is being handled
@@ -407,6 +416,10 @@ class Vcpu:
 
     def _handle_stop(self, stop: Stop) -> Exit | None:
         if stop == Stop.BUDGET:
+            if self._ipi_yield:
+                self._ipi_yield = False
+                if self.run_until < INFINITY:
+                    return Exit(U.KVM_EXIT_INTR)
             return None
         if stop == Stop.TRAP:
             if self._pause_yield:

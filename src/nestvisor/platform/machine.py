@@ -33,7 +33,7 @@ from nestvisor.platform.serial import COM1_BASE, COM1_PORTS, Serial16550
 MiB = 1 << 20
 GiB = 1 << 30
 DEFAULT_MEMORY = 128 * MiB  # QEMU's default -m
-QUANTUM_NS = 20_000  # one scheduler round, in virtual ns (= guest instructions)
+QUANTUM_NS = 5_000  # one scheduler round, in virtual ns (= guest instructions)
 FAR_FUTURE = 1 << 62  # the slice of a lone vCPU: nothing else needs the time
 MAX_VCPUS = 255  # xAPIC IDs are 8 bits and 0xff is broadcast (SDM 10.6.2.1)
 
