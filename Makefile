@@ -10,7 +10,7 @@ demo: $(STAMP)
 	$(VENV)/bin/nestvisor demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -182,7 +182,7 @@ def test_round_robin_rounds_and_instruction_limit(kernel):
     assert result.reason == "instruction limit" and result.clock == 50_000
     q = m.QUANTUM_NS
     for vcpu in fake.vm.vcpus:
-        assert vcpu.slices == [q, 2 * q, 50_000]
+        assert vcpu.slices == [*range(q, 50_000, q), 50_000]
 
 
 def test_halted_vcpu_does_not_stop_the_others(kernel):

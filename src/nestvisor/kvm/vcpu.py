@@ -188,6 +188,7 @@ class Vcpu:
         self._cpuid_max_ext = self.cpuid[(0x80000000, 0)][0]
         self.ctx = ExecContext(vm.phys, self)
         self.lapic = Lapic(vcpu_id, self, vm.apic_bus)
+        self._sync_lapic_caps()
         self._apic_mmio = APIC_MMIO
         self.ctx.map_mmio(APIC_MMIO, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
         self.clock = 0
@@ -1010,6 +1011,15 @@ class Vcpu:
         self.cpuid = table
         self._cpuid_max_basic = table[(0, 0)][0]
         self._cpuid_max_ext = table.get((0x80000000, 0), (0,))[0]
+        self._sync_lapic_caps()
+
+    def _sync_lapic_caps(self) -> None:
+        """The APIC follows CPUID (KVM kvm_vcpu_after_set_cpuid): x2APIC, TSC-deadline, MAXPHYADDR."""
+        self.lapic.x2apic_supported = self._feature("x2apic")
+        self.lapic.tsc_deadline_supported = self._feature("tsc-deadline")
+        row = self.cpuid.get((0x80000008, 0))
+        if row:
+            self.lapic.maxphyaddr = row[0] & 0xFF
 
     def interrupt(self, vector: int) -> None:
         """Queue an external interrupt (an ExtINT-style line, as KVM_INTERRUPT does for a userspace PIC)."""
