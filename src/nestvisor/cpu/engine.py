@@ -324,14 +324,10 @@ class ExecContext:
     # ---- running ------------------------------------------------------------------------
 
     def run(self, budget: int) -> Stop:
-        """Run at most `budget` instructions from the current RIP."""
+        """Run about `budget` instructions from the current RIP (the budget is checked at
+        the start of each translation block, so the last block may run past it)."""
         t = self.trap
-        t.icount = 0
-        t.budget = budget
-        t.stop_reason = N.NV_STOP_NONE
-        self.exception = None
-        self.unmapped = None
-        self._error = None
+        self._enter(budget)
         while True:
             self._no_exception_in_flight()
             err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, 0)
@@ -344,6 +340,19 @@ class ExecContext:
             N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
             t.stop_reason = N.NV_STOP_NONE
         self.retired = t.icount
+        return self._stopped(err, Stop.HALTED)
+
+    def _enter(self, budget: int) -> None:
+        t = self.trap
+        t.icount = 0
+        t.budget = budget
+        t.stop_reason = N.NV_STOP_NONE
+        self.exception = None
+        self.unmapped = None
+        self._error = None
+
+    def _stopped(self, err: int, otherwise: Stop) -> Stop:
+        """Why emulation returned: a hook's exception is re-raised, then the recorded reason."""
         if self._error is not None:
             e, self._error = self._error, None
             raise e
@@ -351,13 +360,13 @@ class ExecContext:
             return Stop.EXCEPTION
         if self.unmapped is not None:
             return Stop.UNMAPPED
-        if t.stop_reason == N.NV_STOP_SITE:
+        if self.trap.stop_reason == N.NV_STOP_SITE:
             return Stop.TRAP
-        if t.stop_reason == N.NV_STOP_BUDGET:
+        if self.trap.stop_reason == N.NV_STOP_BUDGET:
             return Stop.BUDGET
         if err:
             raise RuntimeError(f"unicorn stopped with error {err} at {self.rip:#x}")
-        return Stop.HALTED
+        return otherwise
 
     def _no_exception_in_flight(self) -> None:
         """QEMU's check_exception escalates to #DF and shutdown from env->old_exception, which
@@ -372,28 +381,11 @@ class ExecContext:
     def step(self) -> Stop:
         """Execute exactly one instruction (unicorn's count mode; rare paths only, since
         leaving count mode later flushes unicorn's translations)."""
-        t = self.trap
-        t.icount = 0
-        t.budget = TOP
-        t.stop_reason = N.NV_STOP_NONE
-        self.exception = None
-        self.unmapped = None
-        self._error = None
+        self._enter(TOP)
         self._no_exception_in_flight()
         err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, 1)
         self.retired = 1
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise e
-        if self.exception is not None:
-            return Stop.EXCEPTION
-        if self.unmapped is not None:
-            return Stop.UNMAPPED
-        if t.stop_reason == N.NV_STOP_SITE:
-            return Stop.TRAP
-        if err:
-            raise RuntimeError(f"unicorn stopped with error {err} at {self.rip:#x}")
-        return Stop.BUDGET
+        return self._stopped(err, Stop.BUDGET)
 
     def request_stop(self) -> None:
         """From inside a callback: stop at the next instruction boundary (e.g. an IPI arrived)."""
