@@ -217,6 +217,18 @@ def _push_all(ctx: _Ctx, base: int, sp: int, mask: int, width: int, values: list
     """Push `values` in order at base + (sp & mask); returns the new sp (unmasked bits kept)."""
     pack = {2: _U16, 4: _U32, 8: _U64}[width]
     vmask = (1 << (8 * width)) - 1
+    size = width * len(values)
+    top = sp & mask
+    if top >= size:
+        # The frame does not wrap around the stack's address mask: one write, which
+        # translates the whole range before any byte moves. If it faults, the pushes are
+        # redone one by one so the fault (and CR2) is the first push's, as on hardware.
+        frame = b"".join(pack.pack(v & vmask) for v in reversed(values))
+        try:
+            ctx.lin.write(base + top - size, frame, user=user)
+            return top - size
+        except GuestFault:
+            pass
     for v in values:
         sp = (sp - width) & mask
         ctx.lin.write(base + sp, pack.pack(v & vmask), user=user)
