@@ -209,6 +209,7 @@ class Vcpu:
         self._running = False
         self._pause_yield = False
         self._ipi_yield = False
+        self.idle_slice = False   # the last run() only waited: halted, or spinning on PAUSE
         self._host_writes = -1
         self._reset(init=False)
 
@@ -300,6 +301,7 @@ class Vcpu:
     def run(self) -> Exit:
         """KVM_RUN: run until an exit userspace must handle; KVM_EXIT_INTR ends a time slice."""
         self.has_run = True
+        self.idle_slice = True
         if self._host_writes != self.vm.host_writes:
             self._host_writes = self.vm.host_writes
             self.ctx.flush_code()
@@ -309,6 +311,8 @@ class Vcpu:
             ex = self._step()
             if ex is not None:
                 self.stats[ex.name] += 1
+                if ex.reason not in (U.KVM_EXIT_INTR, U.KVM_EXIT_HLT):
+                    self.idle_slice = False
                 return ex
 
     def _step(self) -> Exit | None:
@@ -328,6 +332,7 @@ class Vcpu:
         if self.clock >= self.run_until:
             return Exit(U.KVM_EXIT_INTR)
         budget = max(1, limit - self.clock)
+        self.idle_slice = False
         if self._event_waiting():
             budget = min(budget, WINDOW_SLICE)
         self._running = True
@@ -428,6 +433,7 @@ class Vcpu:
                 # still passes (KVM handle_pause -> kvm_vcpu_on_spin)
                 self._pause_yield = False
                 self.clock = max(self.clock, self.run_until)
+                self.idle_slice = True
                 return Exit(U.KVM_EXIT_INTR)
             insn, self._outside = self._outside, None
             if insn is None:

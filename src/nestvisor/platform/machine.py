@@ -34,6 +34,10 @@ MiB = 1 << 20
 GiB = 1 << 30
 DEFAULT_MEMORY = 128 * MiB  # QEMU's default -m
 QUANTUM_NS = 5_000  # one scheduler round, in virtual ns (= guest instructions)
+# While every vCPU only waits (halted, or spinning on PAUSE), rounds double up to this, so a
+# guest polling the TSC for a deadline costs a few rounds instead of hundreds. Any real work
+# resets the round to QUANTUM_NS. Deterministic: it depends only on what the guest did.
+IDLE_QUANTUM_MAX_NS = 1_000_000
 FAR_FUTURE = 1 << 62  # the slice of a lone vCPU: nothing else needs the time
 MAX_VCPUS = 255  # xAPIC IDs are 8 bits and 0xff is broadcast (SDM 10.6.2.1)
 
@@ -229,6 +233,9 @@ class Machine:
                 return self._stop(0, REASON_HALTED)
             if limit is not None and round_end >= limit:
                 return self._stop(0, REASON_LIMIT)
+            if len(self.vcpus) > 1:
+                idle = all(getattr(v, "idle_slice", False) for v in self.vcpus)
+                quantum = min(quantum * 2, IDLE_QUANTUM_MAX_NS) if idle else QUANTUM_NS
 
     def _run_slice(self, vcpu: Any) -> MachineResult | int:
         """Run one vCPU to the end of its slice; 1 if it halted for good, 0 if its time is up."""
