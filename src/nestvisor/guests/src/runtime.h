@@ -309,9 +309,9 @@ intr_common:
     add $16, %rsp                   /* vector and error code */
     iretq
 
-bail_unexpected:
-    lea msg_bail(%rip), %rdi
-    call puts
+/* Print "V error E rip R cr2 C" for the last exception taken (shared by the bail-out
+ * path and the selftest's failure lines). */
+put_last_exception:
     mov exc_vector(%rip), %rdi
     call puthex
     lea msg_err(%rip), %rdi
@@ -325,7 +325,12 @@ bail_unexpected:
     lea msg_cr2(%rip), %rdi
     call puts
     mov exc_cr2(%rip), %rdi
-    call puthex
+    jmp puthex
+
+bail_unexpected:
+    lea msg_bail(%rip), %rdi
+    call puts
+    call put_last_exception
     mov $'\n', %edi
     call putc
     mov $EXIT_ABORT, %edi

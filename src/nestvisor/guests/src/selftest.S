@@ -850,20 +850,7 @@ report:
     call puthex
     lea s_last(%rip), %rdi
     call puts
-    mov exc_vector(%rip), %rdi
-    call puthex
-    lea msg_err(%rip), %rdi
-    call puts
-    mov exc_error(%rip), %rdi
-    call puthex
-    lea msg_rip(%rip), %rdi
-    call puts
-    mov exc_rip(%rip), %rdi
-    call puthex
-    lea msg_cr2(%rip), %rdi
-    call puts
-    mov exc_cr2(%rip), %rdi
-    call puthex
+    call put_last_exception
     mov $')', %edi
     call putc
 2:  mov $'\n', %edi
