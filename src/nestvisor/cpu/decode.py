@@ -31,6 +31,20 @@ class Op(IntEnum):
     LMSW = 17
     CLTS = 18
     XSETBV = 19
+    # VMX instructions: the substrate raises #UD for them; they are decoded from the #UD
+    VMCALL = 20
+    VMLAUNCH = 21
+    VMRESUME = 22
+    VMXOFF = 23
+    VMFUNC = 24
+    VMPTRLD = 25
+    VMCLEAR = 26
+    VMXON = 27
+    VMPTRST = 28
+    VMREAD = 29
+    VMWRITE = 30
+    INVEPT = 31
+    INVVPID = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +72,7 @@ class Insn:
     addr_size: int = 8
     seg: int = 3              # segment of the source operand of OUTS (DS unless overridden)
     mem: MemOperand | None = None
+    rm: int = 0               # register form of a ModRM r/m operand (VMREAD/VMWRITE), when mem is None
 
 
 _SEG_PREFIX = {0x26: 0, 0x2E: 1, 0x36: 2, 0x3E: 3, 0x64: 4, 0x65: 5}
@@ -184,6 +199,8 @@ def _decode(code: bytes, bits: int) -> Insn | None:
         return Insn(op, i + 1, reg=reg, crn=crn)
     if b == 0x01:
         modrm = code[i]
+        if modrm in _VMX_0F01:
+            return Insn(_VMX_0F01[modrm], i + 1)
         if modrm == 0xD1:
             return Insn(Op.XSETBV, i + 1)
         if modrm == 0xF9:
@@ -197,4 +214,39 @@ def _decode(code: bytes, bits: int) -> Insn | None:
                 return Insn(Op.LMSW, i + 1, reg=(modrm & 7) | ((rex & 1) << 3))
             mem, end = _modrm_mem(code, i, bits, asize, rex, seg)
             return Insn(Op.LMSW, end, mem=mem)
+        return None
+    if b == 0xC7:
+        # SDM "VMPTRLD/VMCLEAR/VMXON" (0F C7 /6 m64, by prefix) and "VMPTRST" (0F C7 /7 m64)
+        modrm = code[i]
+        reg, mod = (modrm >> 3) & 7, modrm >> 6
+        if mod == 3 or reg not in (6, 7):
+            return None
+        if reg == 7:
+            op = Op.VMPTRST
+        else:
+            op = {0xF3: Op.VMXON}.get(rep_byte, Op.VMCLEAR if opsize16 != (bits == 16) else Op.VMPTRLD)
+        mem, end = _modrm_mem(code, i, bits, asize, rex, seg)
+        return Insn(op, end, mem=mem)
+    if b in (0x78, 0x79) and not rep_byte and opsize16 == (bits == 16):
+        # SDM "VMREAD" (0F 78 /r: r/m <- field reg) and "VMWRITE" (0F 79 /r: field reg <- r/m)
+        modrm = code[i]
+        reg = ((modrm >> 3) & 7) | ((rex & 4) << 1)
+        if modrm >> 6 == 3:
+            return Insn(Op.VMREAD if b == 0x78 else Op.VMWRITE, i + 1, reg=reg, rm=(modrm & 7) | ((rex & 1) << 3))
+        mem, end = _modrm_mem(code, i, bits, asize, rex, seg)
+        return Insn(Op.VMREAD if b == 0x78 else Op.VMWRITE, end, reg=reg, mem=mem)
+    if b == 0x38 and code[i] in (0x80, 0x81) and opsize16 != (bits == 16):
+        # SDM "INVEPT"/"INVVPID" (66 0F 38 80/81 /r: type in reg, descriptor m128)
+        op = Op.INVEPT if code[i] == 0x80 else Op.INVVPID
+        modrm = code[i + 1]
+        if modrm >> 6 == 3:
+            return None
+        mem, end = _modrm_mem(code, i + 1, bits, asize, rex, seg)
+        return Insn(op, end, reg=((modrm >> 3) & 7) | ((rex & 4) << 1), mem=mem)
     return None
+
+
+# SDM "VMCALL", "VMLAUNCH/VMRESUME", "VMXOFF", "VMFUNC": 0F 01 C1..C4, D4
+_VMX_0F01 = {0xC1: Op.VMCALL, 0xC2: Op.VMLAUNCH, 0xC3: Op.VMRESUME, 0xC4: Op.VMXOFF, 0xD4: Op.VMFUNC}
+VMX_OPS = frozenset((Op.VMCALL, Op.VMLAUNCH, Op.VMRESUME, Op.VMXOFF, Op.VMFUNC, Op.VMPTRLD, Op.VMCLEAR,
+                     Op.VMXON, Op.VMPTRST, Op.VMREAD, Op.VMWRITE, Op.INVEPT, Op.INVVPID))

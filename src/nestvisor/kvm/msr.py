@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..arch import msr as M
+from ..arch import vmx as V
 from ..cpu.faults import GuestFault, gp
 
 if TYPE_CHECKING:
@@ -139,6 +140,14 @@ def _x2apic_read(index: int) -> Callable[[Vcpu], int]:
     return lambda v: v.lapic.msr_read(index)
 
 
+def _vmx_cap_read(index: int) -> Callable[[Vcpu], int]:
+    def rd(v: Vcpu) -> int:
+        if v.nested is None:
+            raise gp()   # KVM vmx_get_msr: the VMX MSRs exist only with nested VMX in CPUID
+        return v.nested.caps.msrs()[index]
+    return rd
+
+
 def _tsc_aux_ok(value: int) -> bool:
     return value >> 32 == 0   # KVM: bits 63:32 are reserved
 
@@ -174,6 +183,8 @@ def _build_table() -> dict[int, MsrRow]:
         M.IA32_TSC_AUX: _stored("TSC_AUX", 0, _tsc_aux_ok, "rdtscp"),
         M.IA32_TSC_DEADLINE: MsrRow("TSC_DEADLINE", lambda v: v.lapic.tsc_deadline, lambda v, x, h: v.lapic.set_tsc_deadline(x), "tsc-deadline"),
     }
+    for index in range(V.IA32_VMX_BASIC, V.IA32_VMX_VMFUNC + 1):
+        t[index] = MsrRow(f"VMX_{index:#x}", _vmx_cap_read(index), None, "vmx")
     for i in range(MTRR_VAR_COUNT):
         # SDM 11.11.2.3: PHYSBASE type in 7:0 and address; PHYSMASK valid bit 11 and address
         t[M.IA32_MTRR_PHYSBASE0 + 2 * i] = _stored(f"MTRR_PHYSBASE{i}", 0, lambda x: (x & 0xFF) in _MTRR_TYPES and not x & 0xF00, "mtrr")

@@ -80,8 +80,8 @@ def _profile(name: str, vendor: tuple[int, int, int], description: str, **featur
 
 
 PROFILES: dict[str, Profile] = {
-    "vmx": _profile("vmx", F.VENDOR_INTEL, "Intel-like CPU; nested VMX is not advertised until it is implemented",
-                    x2apic=True, **{"tsc-deadline": True}),
+    "vmx": _profile("vmx", F.VENDOR_INTEL, "Intel-like CPU with nested VMX (CPUID.1:ECX.VMX and the VMX MSRs)",
+                    x2apic=True, vmx=True, **{"tsc-deadline": True}),
     "svm": _profile("svm", F.VENDOR_AMD, "AMD-like CPU; nested SVM is not advertised until it is implemented",
                     x2apic=True, **{"tsc-deadline": True}),
     "base": _profile("base", F.VENDOR_INTEL, "the substrate's CPU with a local APIC in xAPIC mode only"),

@@ -16,7 +16,7 @@ from ..arch import kvm_uapi as U
 from ..arch import msr as M
 from ..cpu import native as N
 from ..cpu.context import HF2_NMI, HF_INHIBIT_IRQ
-from ..cpu.decode import Insn, Op
+from ..cpu.decode import VMX_OPS, Insn, Op, decode
 from ..cpu.delivery import DeliveryUnsupported, EventKind, TripleFault, deliver_with_escalation
 from ..cpu.engine import DREGS, GPRS, ExecContext, Stop
 from ..cpu.faults import GuestFault, gp, ud
@@ -28,6 +28,7 @@ from .exits import Exit, InternalError, IoExit, MmioExit
 from .hypercall import HYPERCALL_OPCODES, emulate_hypercall
 from .lapic import Lapic
 from .vm import APIC_MMIO
+from .vmx.nested import ExitInfo, NestedVmx
 
 INFINITY = 1 << 62
 # While an interrupt waits for RFLAGS.IF or the end of an interrupt shadow, the guest runs in
@@ -186,11 +187,10 @@ class Vcpu:
         self.cpuid: dict[tuple[int, int], tuple[int, int, int, int]] = dict(self.profile.table())
         self._cpuid_max_basic = self.cpuid[(0, 0)][0]
         self._cpuid_max_ext = self.cpuid[(0x80000000, 0)][0]
-        self.ctx = ExecContext(vm.phys, self)
+        self._apic_mmio = APIC_MMIO
+        self.ctx = self.ctx01 = self.new_context()
         self.lapic = Lapic(vcpu_id, self, vm.apic_bus)
         self._sync_lapic_caps()
-        self._apic_mmio = APIC_MMIO
-        self.ctx.map_mmio(APIC_MMIO, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
         self.clock = 0
         self.run_until = INFINITY
         self.msr_values: dict[str, int] = {}
@@ -211,7 +211,54 @@ class Vcpu:
         self._ipi_yield = False
         self.idle_slice = False   # the last run() only waited: halted, or spinning on PAUSE
         self._host_writes = -1
+        self._vmcs_event: tuple[int, EventKind, int | None, int] | None = None
+        self._vmx_abort = False
+        self.nested: NestedVmx | None = NestedVmx(self) if self._feature("vmx") else None
         self._reset(init=False)
+
+    # ---- execution contexts (L1 and, with nested VMX, L2) ---------------------------------
+
+    def new_context(self) -> ExecContext:
+        """An execution context with the VM's memory and this vCPU's APIC page mapped."""
+        ctx = ExecContext(self.vm.phys, self)
+        for s in self.vm.slots.values():
+            ctx.map_ram(s.guest_phys_addr, s.memory_size, s.host_addr)
+        ctx.map_mmio(self._apic_mmio, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
+        return ctx
+
+    def contexts(self) -> list[ExecContext]:
+        nested = self.nested
+        return [self.ctx01] if nested is None or nested.ctx02 is None else [self.ctx01, nested.ctx02]
+
+    def switch_context(self, ctx: ExecContext) -> None:
+        """Run `ctx` from now on (a nested VM entry or exit)."""
+        self.ctx = ctx
+
+    def linear(self, st: ArchState) -> LinearMemory:
+        return self._linear(st)
+
+    def halt_in_guest(self) -> None:
+        self.mp_state = U.KVM_MP_STATE_HALTED
+
+    def halted_in_guest(self) -> bool:
+        return self.mp_state == U.KVM_MP_STATE_HALTED
+
+    def inject_from_vmcs(self, vector: int, kind: int, error_code: int | None, insn_len: int) -> None:
+        """Deliver an event from a VM-entry interruption-information field (SDM 27.6) before L2
+        runs its first instruction."""
+        self._vmcs_event = (vector, _VMCS_EVENT_KIND[kind], error_code, insn_len)
+
+    def vmx_abort(self) -> None:
+        """SDM 28.7: a VMX abort shuts the logical processor down (KVM: a triple fault)."""
+        self._vmx_abort = True
+
+    def cr4_fixed1(self) -> int:
+        """The CR4 bits this vCPU's CPUID makes legal (KVM's cr4 reserved bits, complemented)."""
+        bits = 0
+        for bit, feat in _CR4_FEATURE_BITS.items():
+            if feat is None or (feat != "vme" and self._feature(feat)):
+                bits |= 1 << bit
+        return bits
 
     # ---- ApicHost ----------------------------------------------------------------------
 
@@ -316,6 +363,9 @@ class Vcpu:
                 return ex
 
     def _step(self) -> Exit | None:
+        if self._vmx_abort:
+            self._vmx_abort = False
+            return Exit(U.KVM_EXIT_SHUTDOWN, extra={"vmx_abort": True})
         self._accept_apic_events()
         if self.mp_state != U.KVM_MP_STATE_RUNNABLE:
             return self._idle()
@@ -363,8 +413,12 @@ class Vcpu:
         return bool(self.ext_interrupts) or self.lapic.pending_vector() is not None
 
     def _wake_event(self) -> bool:
-        """KVM kvm_arch_vcpu_runnable: an NMI, or an interrupt that RFLAGS.IF allows."""
+        """KVM kvm_arch_vcpu_runnable: an NMI, or an interrupt that RFLAGS.IF allows (or that
+        exits from L2 to L1 whatever L2's RFLAGS.IF)."""
         if self.nmi_pending or self.init_pending or self.sipi_pending is not None:
+            return True
+        nested = self.nested
+        if nested is not None and nested.guest_mode and nested.exits_on_intr() and self._interrupt_pending():
             return True
         return self._interrupt_pending() and bool(self.ctx.rflags & RFLAGS_IF)
 
@@ -373,6 +427,15 @@ class Vcpu:
 
     def _inject_events(self) -> Exit | None:
         """KVM kvm_check_and_inject_events: exception, then NMI, then interrupt."""
+        if self._vmcs_event is not None:
+            vector, kind, ec, n = self._vmcs_event
+            self._vmcs_event = None
+            if kind == EventKind.NMI:
+                self.ctx.patch_hflags(set2=HF2_NMI)
+            return self._deliver(vector, kind, ec, n)
+        nested = self.nested
+        if nested is not None and nested.guest_mode and self._nested_events(nested):
+            return None
         if self.pending_exception is not None:
             vector, ec = self.pending_exception
             self.pending_exception = None
@@ -400,6 +463,39 @@ class Vcpu:
             return self._deliver(vector, EventKind.EXTERNAL_INTERRUPT, None)
         return None
 
+    def _nested_events(self, nested: NestedVmx) -> bool:
+        """KVM vmx_check_nested_events: an event L1 intercepts becomes a nested VM exit
+        (exception, NMI, external interrupt, interrupt window, in that order)."""
+        e: ExitInfo | None = None
+        if self.pending_exception is not None:
+            vector, ec = self.pending_exception
+            e = nested.exception_exit(vector, ec, self.exception_payload)
+            if e is not None:
+                self.pending_exception = None
+                self.exception_payload = None
+        elif self.nmi_pending and nested.exits_on_nmi() and not self.ctx.hflags2() & HF2_NMI:
+            self.nmi_pending -= 1
+            e = ExitInfo(0, intr_info=2 | X_INTR_TYPE_NMI | X_INTR_VALID)
+        elif nested.exits_on_intr() and self._interrupt_pending():
+            info = 0
+            if nested.ack_intr_on_exit():
+                # SDM 28.2.1: "acknowledge interrupt on exit" takes the vector into the exit information
+                if self.ext_interrupts:
+                    vector = self.ext_interrupts.pop(0)
+                else:
+                    vector = self.lapic.pending_vector() or 0
+                    self.lapic.ack_interrupt(vector)
+                info = vector | X_INTR_VALID
+            e = ExitInfo(1, intr_info=info)
+        elif nested.intr_window_exiting() and self.ctx.rflags & RFLAGS_IF and not self.ctx.hflags() & HF_INHIBIT_IRQ:
+            e = ExitInfo(7)
+        if e is None:
+            return False
+        nested.vmexit(e)
+        if self.mp_state == U.KVM_MP_STATE_HALTED:
+            self.mp_state = U.KVM_MP_STATE_RUNNABLE
+        return True
+
     def _deliver(self, vector: int, kind: EventKind, error_code: int | None, insn_len: int = 0,
                  cr2: int | None = None) -> Exit | None:
         st = self.ctx.get_state()
@@ -410,6 +506,10 @@ class Vcpu:
         except DeliveryUnsupported as e:
             return Exit(U.KVM_EXIT_INTERNAL_ERROR, internal=InternalError(U.KVM_INTERNAL_ERROR_DELIVERY_EV, str(e)))
         if isinstance(new, TripleFault):
+            nested = self.nested
+            if nested is not None and nested.guest_mode:
+                nested.vmexit(ExitInfo(2))   # a triple fault in L2 always exits to L1
+                return None
             # SDM 6.15: shutdown; KVM reports it as KVM_EXIT_SHUTDOWN
             self.stats["triple_fault"] += 1
             return Exit(U.KVM_EXIT_SHUTDOWN, extra={"vectors": new.vectors})
@@ -428,6 +528,11 @@ class Vcpu:
                     return Exit(U.KVM_EXIT_INTR)
             return None
         if stop == Stop.TRAP:
+            nested = self.nested
+            if nested is not None and nested.pending is not None:
+                e, nested.pending = nested.pending, None
+                nested.vmexit(e)
+                return None
             if self._pause_yield:
                 # pause-loop exit: the spinning vCPU gives up the rest of its slice; its time
                 # still passes (KVM handle_pause -> kvm_vcpu_on_spin)
@@ -461,8 +566,10 @@ class Vcpu:
         assert e is not None
         self.stats[f"exception_{e.vector}"] += 1
         if not e.software:
-            if e.vector == 6 and self._hypercall():
-                return None
+            if e.vector == 6:
+                handled, ex = self._ud_instruction()
+                if handled:
+                    return ex
             self.pending_exception = (e.vector, e.error_code)
             self.exception_payload = e.cr2
             return None
@@ -473,6 +580,25 @@ class Vcpu:
         kind = {0xCC: EventKind.SOFTWARE_EXCEPTION, 0xCE: EventKind.SOFTWARE_EXCEPTION,
                 0xF1: EventKind.PRIVILEGED_SOFTWARE_EXCEPTION}.get(op, EventKind.SOFTWARE_INTERRUPT)
         return self._deliver(e.vector, kind, None, max(0, e.next_rip - rip))
+
+    def _ud_instruction(self) -> tuple[bool, Exit | None]:
+        """#UD from an instruction the substrate lacks: VMX instructions (nested VMX, or an exit
+        to L1 from L2) and VMCALL/VMMCALL hypercalls."""
+        nested = self.nested
+        if nested is not None:
+            code = self.ctx.read_code(self.ctx.rip, 15)
+            insn = decode(code, self.ctx.code_bits())
+            if insn is not None and insn.op in VMX_OPS:
+                if nested.guest_mode:
+                    nested.vmexit(nested.insn_exit(insn))
+                    return True, None
+                if insn.op != Op.VMCALL:
+                    try:
+                        nested.emulate(insn)
+                    except GuestFault as f:
+                        self._queue_fault(f)
+                    return True, None
+        return self._hypercall(), None
 
     def _hypercall(self) -> bool:
         """#UD from VMCALL/VMMCALL: a KVM hypercall (KVM handle_vmcall / vmmcall_interception)."""
@@ -492,6 +618,16 @@ class Vcpu:
 
     def on_trap(self, insn: Insn, rip: int) -> int:
         """Called from the trap hook, inside emulation, at a trapped instruction."""
+        nested = self.nested
+        if nested is not None and nested.guest_mode:
+            try:
+                e = nested.l2_trap(insn, rip)
+            except GuestFault as f:
+                self._queue_fault(f)
+                return N.NV_STOP_BEFORE
+            if e is not None:
+                nested.pending = e
+                return N.NV_STOP_BEFORE
         handler = _IN_HOOK.get(insn.op)
         try:
             if handler is not None:
@@ -544,6 +680,8 @@ class Vcpu:
         if self.ctx.reg_cr(4) & CR4_TSD and self._cpl() > 0:
             raise gp()   # SDM RDTSC: #GP(0) if CR4.TSD and CPL > 0
         t = self.tsc()
+        if self.nested is not None and self.nested.guest_mode:
+            t = (t + self.nested.l2_tsc_offset) & 0xFFFFFFFFFFFFFFFF   # SDM 26.3: TSC offsetting
         if insn.op == Op.RDTSCP:
             self.ctx.set_gpr(1, self.msr_values.get("TSC_AUX", 0))
         self.ctx.write_batch(_RAX_RDX, (t & 0xFFFFFFFF, t >> 32))
@@ -575,6 +713,8 @@ class Vcpu:
         if self._cpl() > 0:
             raise gp()
         value = self.lapic.get_cr8() if insn.crn == 8 else self.ctx.reg_cr(insn.crn)
+        if self.nested is not None and self.nested.guest_mode:
+            value = self.nested.cr_read_value(insn.crn, value)   # SDM 26.3: CR read shadows
         bits = 64 if self.ctx.hflags() & (1 << 15) else 32
         self.ctx.set_gpr(insn.reg, value & ((1 << bits) - 1))
         return self._skip(insn)
@@ -682,6 +822,13 @@ class Vcpu:
     def _set_cr(self, crn: int, value: int) -> None:
         """MOV to CR0/CR4 with KVM's checks (kvm_set_cr0, kvm_set_cr4)."""
         st = self.ctx.get_state()
+        nested = self.nested
+        if nested is not None and nested.guest_mode:
+            value = nested.cr_write_value(crn, value, st.cr0 if crn == 0 else st.cr4)
+        elif nested is not None and nested.vmxon:
+            # SDM 24.8: in VMX operation CR0 and CR4 keep their IA32_VMX_CRx_FIXED bits
+            if not (nested.cr0_valid(value) if crn == 0 else nested.cr4_valid(value)):
+                raise gp()
         if crn == 0:
             if value >> 32:
                 raise gp()
@@ -844,10 +991,11 @@ class Vcpu:
         base = self.lapic.base_address
         if base == self._apic_mmio or self.vm.phys.find(base) is not None:
             return
-        self.ctx.unmap(self._apic_mmio, 0x1000)
-        self.ctx.map_mmio(base, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
+        for ctx in self.contexts():
+            ctx.unmap(self._apic_mmio, 0x1000)
+            ctx.map_mmio(base, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
+            ctx.flush_tlb()
         self._apic_mmio = base
-        self.ctx.flush_tlb()
 
     def _apic_mmio_read(self, offset: int, size: int) -> int:
         if not self.lapic.hw_enabled or self.lapic.x2apic_mode:
@@ -1018,6 +1166,8 @@ class Vcpu:
         self._cpuid_max_basic = table[(0, 0)][0]
         self._cpuid_max_ext = table.get((0x80000000, 0), (0,))[0]
         self._sync_lapic_caps()
+        # KVM: nested VMX follows CPUID.1:ECX.VMX, and its CR4_FIXED1 follows the CR4 features
+        self.nested = NestedVmx(self) if self._feature("vmx") else None
 
     def _sync_lapic_caps(self) -> None:
         """The APIC follows CPUID (KVM kvm_vcpu_after_set_cpuid): x2APIC, TSC-deadline, MAXPHYADDR."""
@@ -1057,6 +1207,13 @@ _RAX_RCX = (GPRS[0], GPRS[1])
 _RCX_RAX_RDX = (GPRS[1], GPRS[0], GPRS[2])
 _RAX_RDX = (GPRS[0], GPRS[2])
 _RAX_RBX_RCX_RDX = (GPRS[0], GPRS[3], GPRS[1], GPRS[2])
+
+# VM-entry interruption types (SDM 25.8.3) as delivery kinds
+_VMCS_EVENT_KIND = {0: EventKind.EXTERNAL_INTERRUPT, 2: EventKind.NMI, 3: EventKind.HARDWARE_EXCEPTION,
+                    4: EventKind.SOFTWARE_INTERRUPT, 5: EventKind.PRIVILEGED_SOFTWARE_EXCEPTION,
+                    6: EventKind.SOFTWARE_EXCEPTION}
+X_INTR_VALID = 1 << 31
+X_INTR_TYPE_NMI = 2 << 8
 
 # Traps handled inside emulation (fast); the rest stop the run and are emulated outside.
 _IN_HOOK = {

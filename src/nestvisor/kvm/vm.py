@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import errno
 import mmap
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -104,6 +105,9 @@ class PhysicalMemory:
             data = data[n:]
 
 
+TRACE_DEPTH = 4096
+
+
 class Vm:
     """KVM_CREATE_VM's result. Create it with Kvm.create_vm().
 
@@ -122,6 +126,11 @@ class Vm:
         self.vcpus: dict[int, Vcpu] = {}
         self.apic_bus = ApicBus()
         self.host_writes = 0
+        # Trace events shaped like KVM's tracepoints (kvm_nested_vmenter, ...): (name, fields)
+        self.trace_log: deque[tuple[str, dict[str, object]]] = deque(maxlen=TRACE_DEPTH)
+
+    def trace(self, event: str, **fields: object) -> None:
+        self.trace_log.append((event, fields))
 
     # KVM_SET_USER_MEMORY_REGION
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int, flags: int = 0) -> None:
@@ -152,11 +161,13 @@ class Vm:
         self.slots[slot] = s
         self.phys._insert(s)
         for v in self.vcpus.values():
-            v.ctx.map_ram(s.guest_phys_addr, s.memory_size, s.host_addr)
+            for ctx in v.contexts():
+                ctx.map_ram(s.guest_phys_addr, s.memory_size, s.host_addr)
 
     def _unmap(self, s: MemorySlot) -> None:
         for v in self.vcpus.values():
-            v.ctx.unmap(s.guest_phys_addr, s.memory_size)
+            for ctx in v.contexts():
+                ctx.unmap(s.guest_phys_addr, s.memory_size)
         self.phys._remove(s)
         del self.slots[s.slot]
 
@@ -180,7 +191,5 @@ class Vm:
         if vcpu_id in self.vcpus:
             raise KvmError(errno.EEXIST, f"vcpu {vcpu_id} already exists (kvm_vm_ioctl_create_vcpu)")
         v = Vcpu(self, vcpu_id)
-        for s in self.slots.values():
-            v.ctx.map_ram(s.guest_phys_addr, s.memory_size, s.host_addr)
         self.vcpus[vcpu_id] = v
         return v

@@ -1,0 +1,236 @@
+"""VM-entry consistency checks, in KVM's order (nested_vmx_check_controls,
+nested_vmx_check_address_space_size, nested_vmx_check_host_state,
+nested_vmx_check_guest_state; SDM 27.2-27.3).
+
+Each check is one `_cc` line: its name is KVM's CC() expression in words, and the first
+failure is returned as a `CheckFailure` carrying the offending values, which becomes the
+kvm_nested_vmenter_failed trace event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ...arch import vmx as X
+from ...arch.vmcs import VMCS12_REVISION
+from ..msr import canonical
+from .caps import VmxCaps
+from .vmcs12 import Vmcs12
+
+_PAT_TYPES = frozenset((0, 1, 4, 5, 6, 7))
+CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
+CR4_PAE, CR4_PCIDE, CR4_CET, CR4_LA57 = 1 << 5, 1 << 17, 1 << 23, 1 << 12
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+EFER_VALID = 1 | (1 << 8) | (1 << 10) | (1 << 11)   # SCE LME LMA NXE (what the vCPU supports)
+
+
+@dataclass(frozen=True)
+class CheckFailure:
+    name: str
+    source: str
+    values: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        vals = " ".join(f"{k}={v:#x}" for k, v in self.values.items())
+        return f"{self.name} ({self.source}){': ' + vals if vals else ''}"
+
+
+class _Failed(Exception):
+    def __init__(self, failure: CheckFailure) -> None:
+        self.failure = failure
+
+
+def _cc(failed: bool, name: str, source: str, **values: int) -> None:
+    if failed:
+        raise _Failed(CheckFailure(name, source, values))
+
+
+def _run(fn, *args) -> CheckFailure | None:  # noqa: ANN001
+    try:
+        fn(*args)
+    except _Failed as f:
+        return f.failure
+    return None
+
+
+def page_address_valid(gpa: int, maxphyaddr: int) -> bool:
+    """KVM page_address_valid: page-aligned and below MAXPHYADDR."""
+    return not gpa & 0xFFF and not gpa >> maxphyaddr
+
+
+def _pat_valid(value: int) -> bool:
+    return all((value >> (8 * i)) & 0xFF in _PAT_TYPES for i in range(8))
+
+
+def _msr_list(v12: Vmcs12, count: str, addr: str, caps: VmxCaps, maxphyaddr: int, src: str) -> None:
+    n, a = v12[count], v12[addr]
+    if n == 0:
+        return
+    limit = (((caps.misc >> 25) & 7) + 1) * 512
+    _cc(n > limit, f"{count} within MISC's list limit", src, count=n, limit=limit)
+    _cc(bool(a & 0xF) or bool(a >> maxphyaddr) or bool((a + n * 16 - 1) >> maxphyaddr),
+        f"{addr} 16-byte aligned and the list below MAXPHYADDR", src, addr=a, count=n)
+
+
+def _controls(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int) -> None:
+    src = "nested_check_vm_execution_controls"
+    pin, cpu = v12["pin_based_vm_exec_control"], v12["cpu_based_vm_exec_control"]
+    _cc(not caps.true_pin.allows(pin), "pin-based controls allowed by IA32_VMX_TRUE_PINBASED_CTLS", src,
+        pin=pin, low=caps.true_pin.low, high=caps.true_pin.high)
+    _cc(not caps.true_proc.allows(cpu), "processor-based controls allowed by IA32_VMX_TRUE_PROCBASED_CTLS", src,
+        cpu=cpu, low=caps.true_proc.low, high=caps.true_proc.high)
+    sec = v12["secondary_vm_exec_control"] if cpu & X.CPU_ACTIVATE_SECONDARY else 0
+    if cpu & X.CPU_ACTIVATE_SECONDARY:
+        _cc(not caps.proc2.allows(sec), "secondary controls allowed by IA32_VMX_PROCBASED_CTLS2", src,
+            secondary=sec, high=caps.proc2.high)
+    _cc(v12["cr3_target_count"] > (caps.misc >> 16) & 0x1FF, "cr3_target_count within MISC[24:16]", src,
+        cr3_target_count=v12["cr3_target_count"])
+    if cpu & X.CPU_USE_IO_BITMAPS:
+        for name in ("io_bitmap_a", "io_bitmap_b"):
+            _cc(not page_address_valid(v12[name], maxphyaddr), f"{name} is a valid page address",
+                "nested_vmx_check_io_bitmap_controls", **{name: v12[name]})
+    if cpu & X.CPU_USE_MSR_BITMAPS:
+        _cc(not page_address_valid(v12["msr_bitmap"], maxphyaddr), "msr_bitmap is a valid page address",
+            "nested_vmx_check_msr_bitmap_controls", msr_bitmap=v12["msr_bitmap"])
+    _cc(bool(pin & X.PIN_VIRTUAL_NMIS) and not pin & X.PIN_NMI_EXITING,
+        "virtual NMIs need NMI exiting", "nested_vmx_check_nmi_controls", pin=pin)
+    _cc(bool(cpu & X.CPU_NMI_WINDOW) and not pin & X.PIN_VIRTUAL_NMIS,
+        "NMI-window exiting needs virtual NMIs", "nested_vmx_check_nmi_controls", cpu=cpu)
+    exit_ctl = v12["vm_exit_controls"]
+    _cc(bool(exit_ctl & X.EXIT_SAVE_PREEMPTION_TIMER) and not pin & X.PIN_PREEMPTION_TIMER,
+        "save-preemption-timer needs the preemption timer", src, exit=exit_ctl)
+    src = "nested_check_vm_exit_controls"
+    _cc(not caps.true_exit.allows(exit_ctl), "VM-exit controls allowed by IA32_VMX_TRUE_EXIT_CTLS", src,
+        exit=exit_ctl, low=caps.true_exit.low, high=caps.true_exit.high)
+    _msr_list(v12, "vm_exit_msr_load_count", "vm_exit_msr_load_addr", caps, maxphyaddr, src)
+    _msr_list(v12, "vm_exit_msr_store_count", "vm_exit_msr_store_addr", caps, maxphyaddr, src)
+    src = "nested_check_vm_entry_controls"
+    entry = v12["vm_entry_controls"]
+    _cc(not caps.true_entry.allows(entry), "VM-entry controls allowed by IA32_VMX_TRUE_ENTRY_CTLS", src,
+        entry=entry, low=caps.true_entry.low, high=caps.true_entry.high)
+    info = v12["vm_entry_intr_info_field"]
+    if info & X.INTR_INFO_VALID:
+        kind, vector = info & 0x700, info & 0xFF
+        _cc(kind == X.INTR_TYPE_RESERVED or kind == X.INTR_TYPE_OTHER_EVENT,
+            "injected event type is not reserved (or MTF, not supported)", src, intr_info=info)
+        _cc(kind == X.INTR_TYPE_NMI and vector != 2, "injected NMI has vector 2", src, intr_info=info)
+        _cc(kind == X.INTR_TYPE_HARD_EXCEPTION and vector > 31, "injected exception vector <= 31", src, intr_info=info)
+        has_ec = bool(info & X.INTR_INFO_DELIVER_CODE)
+        prot = bool(v12["guest_cr0"] & CR0_PE)   # no unrestricted guest is advertised
+        if not prot or kind != X.INTR_TYPE_HARD_EXCEPTION:
+            _cc(has_ec, "error code delivered only for a protected-mode hardware exception", src, intr_info=info)
+        else:
+            _cc(has_ec != (vector in X.EXCEPTIONS_WITH_ERROR_CODE),
+                "deliver-error-code matches the vector", src, intr_info=info)
+        if has_ec:
+            ec = v12["vm_entry_exception_error_code"]
+            _cc(bool(ec >> 16), "injected error code bits 31:16 are 0", src, error_code=ec)
+        _cc(bool(info & X.INTR_INFO_RESERVED), "interruption-information bits 30:12 are 0", src, intr_info=info)
+        if kind in (X.INTR_TYPE_SOFT_INTR, X.INTR_TYPE_PRIV_SW_EXCEPTION, X.INTR_TYPE_SOFT_EXCEPTION):
+            n = v12["vm_entry_instruction_len"]
+            _cc(n > 15 or n == 0, "software event instruction length 1..15", src, length=n)
+    _msr_list(v12, "vm_entry_msr_load_count", "vm_entry_msr_load_addr", caps, maxphyaddr, src)
+
+
+def _host(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int, l1_lma: bool) -> None:
+    exit_ctl = v12["vm_exit_controls"]
+    ia32e = bool(exit_ctl & X.EXIT_HOST_ADDR_SPACE_SIZE)
+    _cc(ia32e != l1_lma, "host address-space size equals the current EFER.LMA",
+        "nested_vmx_check_address_space_size", exit=exit_ctl, lma=int(l1_lma))
+    src = "nested_vmx_check_host_state"
+    cr0, cr3, cr4 = v12["host_cr0"], v12["host_cr3"], v12["host_cr4"]
+    _cc((cr0 & caps.cr0_fixed0) != caps.cr0_fixed0 or bool(cr0 & ~caps.cr0_fixed1 & 0xFFFFFFFF) or bool(cr0 >> 32),
+        "host_cr0 satisfies IA32_VMX_CR0_FIXED0/1", src, host_cr0=cr0)
+    _cc((cr4 & caps.cr4_fixed0) != caps.cr4_fixed0 or bool(cr4 & ~caps.cr4_fixed1),
+        "host_cr4 satisfies IA32_VMX_CR4_FIXED0/1", src, host_cr4=cr4)
+    _cc(bool(cr3 >> maxphyaddr), "host_cr3 below MAXPHYADDR", src, host_cr3=cr3)
+    _cc(bool(cr4 & CR4_CET) and not cr0 & CR0_WP, "host CR4.CET needs CR0.WP", src, host_cr4=cr4)
+    for name in ("host_ia32_sysenter_esp", "host_ia32_sysenter_eip"):
+        _cc(not canonical(v12[name]), f"{name} is canonical", src, **{name: v12[name]})
+    if exit_ctl & X.EXIT_LOAD_IA32_PAT:
+        _cc(not _pat_valid(v12["host_ia32_pat"]), "host_ia32_pat is a valid PAT", src, host_ia32_pat=v12["host_ia32_pat"])
+    if ia32e:
+        _cc(not cr4 & CR4_PAE, "64-bit host needs CR4.PAE", src, host_cr4=cr4)
+    else:
+        _cc(bool(v12["vm_entry_controls"] & X.ENTRY_IA32E_MODE), "32-bit host cannot enter an IA-32e guest", src,
+            entry=v12["vm_entry_controls"])
+        _cc(bool(cr4 & CR4_PCIDE), "32-bit host has CR4.PCIDE = 0", src, host_cr4=cr4)
+        _cc(bool(v12["host_rip"] >> 32), "32-bit host RIP bits 63:32 are 0", src, host_rip=v12["host_rip"])
+    for seg in ("es", "cs", "ss", "ds", "fs", "gs", "tr"):
+        sel = v12[f"host_{seg}_selector"]
+        _cc(bool(sel & 7), f"host {seg.upper()} selector has RPL = 0 and TI = 0", src, selector=sel)
+    _cc(v12["host_cs_selector"] == 0, "host CS selector is not null", src)
+    _cc(v12["host_tr_selector"] == 0, "host TR selector is not null", src)
+    _cc(v12["host_ss_selector"] == 0 and not ia32e, "host SS selector is not null (32-bit host)", src)
+    for name in ("host_fs_base", "host_gs_base", "host_gdtr_base", "host_idtr_base", "host_tr_base"):
+        _cc(not canonical(v12[name]), f"{name} is canonical", src, **{name: v12[name]})
+    _cc(not canonical(v12["host_rip"], 57 if cr4 & CR4_LA57 else 48), "host_rip is canonical", src,
+        host_rip=v12["host_rip"])
+    if exit_ctl & X.EXIT_LOAD_IA32_EFER:
+        efer = v12["host_ia32_efer"]
+        _cc(bool(efer & ~EFER_VALID), "host_ia32_efer is a valid EFER", src, host_ia32_efer=efer)
+        _cc(bool(efer & EFER_LMA) != ia32e or bool(efer & EFER_LME) != ia32e,
+            "host EFER.LMA and EFER.LME equal the host address-space size", src, host_ia32_efer=efer)
+
+
+def _guest(v12: Vmcs12, caps: VmxCaps, run_pending: bool, maxphyaddr: int,
+           read_u32: Callable[[int], int | None]) -> None:
+    src = "nested_vmx_check_guest_state"
+    entry = v12["vm_entry_controls"]
+    ia32e = bool(entry & X.ENTRY_IA32E_MODE)
+    cr0, cr4 = v12["guest_cr0"], v12["guest_cr4"]
+    _cc((cr0 & caps.cr0_fixed0) != caps.cr0_fixed0 or bool(cr0 >> 32),
+        "guest_cr0 satisfies IA32_VMX_CR0_FIXED0/1", src, guest_cr0=cr0)
+    _cc((cr4 & caps.cr4_fixed0) != caps.cr4_fixed0 or bool(cr4 & ~caps.cr4_fixed1),
+        "guest_cr4 satisfies IA32_VMX_CR4_FIXED0/1", src, guest_cr4=cr4)
+    _cc(bool(cr4 & CR4_CET) and not cr0 & CR0_WP, "guest CR4.CET needs CR0.WP", src, guest_cr4=cr4)
+    if entry & X.ENTRY_LOAD_IA32_PAT:
+        _cc(not _pat_valid(v12["guest_ia32_pat"]), "guest_ia32_pat is a valid PAT", src,
+            guest_ia32_pat=v12["guest_ia32_pat"])
+    link = v12["vmcs_link_pointer"]
+    if link != 0xFFFFFFFFFFFFFFFF:
+        # nested_vmx_check_vmcs_link_ptr: a VMCS region whose shadow bit matches "VMCS shadowing"
+        # (never enabled: it is not advertised)
+        _cc(not page_address_valid(link, maxphyaddr), "VMCS link pointer is a valid page address", src, link=link)
+        hdr = read_u32(link)
+        _cc(hdr is None or hdr & 0x7FFFFFFF != VMCS12_REVISION, "VMCS link pointer page has the VMCS revision",
+            src, link=link, header=hdr or 0)
+        _cc(bool(hdr >> 31), "VMCS link pointer page's shadow bit matches VMCS shadowing", src, header=hdr)
+    _cc(bool(cr0 & CR0_PG) and not cr0 & CR0_PE, "guest CR0.PG needs CR0.PE", src, guest_cr0=cr0)
+    if ia32e:
+        _cc(not cr4 & CR4_PAE or not cr0 & CR0_PG, "IA-32e guest needs CR4.PAE and CR0.PG", src,
+            guest_cr0=cr0, guest_cr4=cr4)
+    if run_pending and entry & X.ENTRY_LOAD_IA32_EFER:
+        efer = v12["guest_ia32_efer"]
+        _cc(bool(efer & ~EFER_VALID), "guest_ia32_efer is a valid EFER", src, guest_ia32_efer=efer)
+        _cc(bool(efer & EFER_LMA) != ia32e, "guest EFER.LMA equals the IA-32e mode guest control", src,
+            guest_ia32_efer=efer)
+        _cc(bool(cr0 & CR0_PG) and bool(efer & EFER_LME) != ia32e,
+            "guest EFER.LME equals the IA-32e mode guest control when CR0.PG", src, guest_ia32_efer=efer)
+    act = v12["guest_activity_state"]
+    _cc(act not in (X.ACTIVITY_ACTIVE, X.ACTIVITY_HLT), "guest activity state is active or HLT", src,
+        activity=act)
+    _cc(bool(v12["guest_cr3"] >> maxphyaddr), "guest_cr3 below MAXPHYADDR", "nested_vmx_load_cr3",
+        guest_cr3=v12["guest_cr3"])
+
+
+def check_controls(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int) -> CheckFailure | None:
+    """Failure means VMfailValid(7)."""
+    return _run(_controls, v12, caps, maxphyaddr)
+
+
+def check_host_state(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int, l1_lma: bool) -> CheckFailure | None:
+    """Failure means VMfailValid(8)."""
+    return _run(_host, v12, caps, maxphyaddr, l1_lma)
+
+
+def check_guest_state(v12: Vmcs12, caps: VmxCaps, run_pending: bool, maxphyaddr: int,
+                      read_u32: Callable[[int], int | None]) -> tuple[CheckFailure, int] | None:
+    """Failure means a VM-entry failure exit (reason 33) with the returned qualification;
+    `read_u32` reads guest-physical memory (None where nothing backs it)."""
+    f = _run(_guest, v12, caps, run_pending, maxphyaddr, read_u32)
+    if f is None:
+        return None
+    qual = X.ENTRY_FAIL_VMCS_LINK_PTR if f.name.startswith("VMCS link pointer") else X.ENTRY_FAIL_DEFAULT
+    return f, qual

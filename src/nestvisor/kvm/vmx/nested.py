@@ -1,0 +1,855 @@
+"""Nested VMX for one vCPU, as KVM's nested.c does it.
+
+L1 runs in the vCPU's first execution context (its state is vmcs01); L2 runs in a second
+one (vmcs02), created at the first VM entry. vmcs12 is the cached 4 KiB image of L1's
+current VMCS, written back to L1's memory when it is released. A nested VM exit syncs the
+common guest fields from vmcs02 into vmcs12 at once and the rare ones (segment state,
+descriptor tables) only when L1 can see them (KVM sync_vmcs02_to_vmcs12_rare).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ...arch import msr as M
+from ...arch import vmcs as V
+from ...arch import vmx as X
+from ...cpu.context import HF2_NMI, HF_INHIBIT_IRQ
+from ...cpu.decode import Insn, Op
+from ...cpu.engine import DREGS, ExecContext
+from ...cpu.faults import GuestFault, gp, ud
+from ...cpu.state import SEG_P, ArchState, DescTable, Segment
+from .. import msr as msrs
+from .caps import VmxCaps, nested_vmx_caps
+from .checks import (
+    CheckFailure,
+    check_controls,
+    check_guest_state,
+    check_host_state,
+    page_address_valid,
+)
+from .vmcs12 import Vmcs12
+
+if TYPE_CHECKING:
+    from ..vcpu import Vcpu
+
+INVALID_PTR = 0xFFFFFFFFFFFFFFFF
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+CR0_PE, CR0_TS = 1, 1 << 3
+CR4_VMXE = 1 << 13
+RFLAGS_IF = 1 << 9
+_U32 = struct.Struct("<I")
+_MSR_ENTRY = struct.Struct("<IIQ")   # SDM 25.7.2 Table 25-15: index, reserved, data
+
+# MSRs whose values VMX does not switch: L2 sees L1's (they live in each execution context).
+_SHARED_CPU_MSRS = (M.STAR, M.LSTAR, M.CSTAR, M.SFMASK, M.KERNEL_GS_BASE)
+
+# Exit reason of each VMX instruction executed in L2 (SDM Appendix C)
+_INSN_EXIT = {
+    Op.VMCALL: 18, Op.VMCLEAR: 19, Op.VMLAUNCH: 20, Op.VMPTRLD: 21, Op.VMPTRST: 22,
+    Op.VMREAD: 23, Op.VMRESUME: 24, Op.VMWRITE: 25, Op.VMXOFF: 26, Op.VMXON: 27,
+    Op.INVEPT: 50, Op.INVVPID: 53, Op.VMFUNC: 59,
+}
+_SEGS = ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")
+
+
+@dataclass(slots=True)
+class ExitInfo:
+    """A nested VM exit waiting to be performed (SDM 28.2)."""
+
+    reason: int
+    qualification: int = 0
+    intr_info: int = 0
+    intr_error_code: int = 0
+    insn_len: int = 0
+    insn_info: int = 0
+
+
+def ar_from_segment(s: Segment) -> int:
+    """SDM 25.4.1 access-rights format from a descriptor cache; bit 16 = unusable."""
+    ar = (s.flags >> 8) & 0xF0FF
+    return ar if s.present else ar | 0x10000
+
+
+def segment_from_vmcs(selector: int, base: int, limit: int, ar: int) -> Segment:
+    flags = (ar & 0xF0FF) << 8
+    if ar & 0x10000:
+        flags &= ~SEG_P
+    return Segment(selector, base, limit, flags)
+
+
+class NestedVmx:
+    """KVM's struct nested_vmx for one vCPU."""
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        self.v = vcpu
+        self.caps: VmxCaps = nested_vmx_caps(vcpu.cr4_fixed1())
+        self.vmxon = False
+        self.vmxon_ptr = INVALID_PTR
+        self.current_vmptr = INVALID_PTR
+        self.vmcs12: Vmcs12 | None = None
+        self.guest_mode = False
+        self.ctx02: ExecContext | None = None
+        self.need_rare_sync = False
+        self.eager_sync = False          # copy every field on every exit (to compare with lazy)
+        self.pending: ExitInfo | None = None
+        self.l2_tsc_offset = 0
+        self.stats: Counter[str] = Counter()
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    @property
+    def maxphyaddr(self) -> int:
+        return self.v.profile.maxphyaddr
+
+    def _trace(self, event: str, **fields: object) -> None:
+        self.v.vm.trace(event, vcpu=self.v.vcpu_id, **fields)
+
+    def _succeed(self) -> None:
+        # SDM 31.2 VMsucceed: CF PF AF ZF SF OF cleared
+        self.v.ctx.rflags = self.v.ctx.rflags & ~X.RFLAGS_ARITH
+
+    def _fail_invalid(self) -> None:
+        # SDM 31.2 VMfailInvalid: CF set, the other five cleared
+        self.v.ctx.rflags = (self.v.ctx.rflags & ~X.RFLAGS_ARITH) | X.RFLAGS_CF
+
+    def _fail(self, error: int) -> None:
+        """KVM nested_vmx_fail: VMfailValid(error) with a current VMCS, else VMfailInvalid."""
+        if self.vmcs12 is None:
+            self._fail_invalid()
+            return
+        self.v.ctx.rflags = (self.v.ctx.rflags & ~X.RFLAGS_ARITH) | X.RFLAGS_ZF
+        self.vmcs12["vm_instruction_error"] = error
+
+    def _check_permission(self) -> None:
+        """KVM nested_vmx_check_permission: #UD outside VMX operation, #GP(0) at CPL > 0."""
+        if not self.vmxon:
+            raise ud()
+        if self.v.ctx.hflags() & 3:
+            raise gp()
+
+    def _operand_address(self, insn: Insn, st: ArchState) -> int:
+        """Linear address of a ModRM memory operand (SDM 3.7.5; 64-bit mode ignores segment
+        bases other than FS and GS)."""
+        m = insn.mem
+        assert m is not None
+        gprs = self.v.ctx.gprs()
+        ea = m.disp
+        if m.rip_relative:
+            ea += st.rip + insn.length
+        if m.base is not None:
+            ea += gprs[m.base]
+        if m.index is not None:
+            ea += gprs[m.index] * m.scale
+        ea &= (1 << (8 * m.addr_size)) - 1
+        seg = (st.es, st.cs, st.ss, st.ds, st.fs, st.gs)[m.seg]
+        if st.code_bits == 64:
+            return (ea + (seg.base if m.seg >= 4 else 0)) & 0xFFFFFFFFFFFFFFFF
+        return (ea + seg.base) & 0xFFFFFFFF
+
+    def _read_ptr(self, insn: Insn) -> int:
+        """The 64-bit VMCS pointer operand (KVM nested_vmx_get_vmptr); faults propagate."""
+        st = self.v.ctx.get_state()
+        return self.v.linear(st).read_u64(self._operand_address(insn, st))
+
+    def _read_guest_u32(self, gpa: int) -> int | None:
+        try:
+            return _U32.unpack(self.v.vm.phys.read(gpa, 4))[0]
+        except (ValueError, KeyError, IndexError):
+            return None
+
+    def _done(self, insn: Insn) -> None:
+        self.v.ctx.rip = self.v.ctx.rip + insn.length
+
+    # ---- VMX instructions in L1 -------------------------------------------------------------
+
+    def emulate(self, insn: Insn) -> None:
+        """Execute a VMX instruction for L1 (VMX root operation); GuestFault for #UD/#GP/#PF."""
+        self.stats[insn.op.name] += 1
+        handler = _HANDLERS.get(insn.op)
+        if handler is None:
+            raise ud()   # VMFUNC, INVEPT, INVVPID: not advertised (SDM: #UD when not supported)
+        handler(self, insn)
+
+    def _vmxon(self, insn: Insn) -> None:
+        """KVM handle_vmxon."""
+        ctx = self.v.ctx
+        st = ctx.get_state()
+        if not st.cr4 & CR4_VMXE:
+            raise ud()   # SDM VMXON: #UD if CR4.VMXE = 0
+        if not st.cr0 & CR0_PE or st.vm86 or (st.long_mode and not st.cs.l):
+            raise ud()   # SDM VMXON: #UD in real mode, virtual-8086 mode and compatibility mode
+        if not self.cr0_valid(st.cr0) or not self.cr4_valid(st.cr4):
+            raise ud()   # KVM handle_vmxon: fixed CR0/CR4 bits are checked before CPL (#UD)
+        if st.cpl:
+            raise gp()
+        if self.vmxon:
+            self._fail(X.VMXERR_VMXON_IN_VMX_ROOT_OPERATION)
+            return self._done(insn)
+        need = X.FEATURE_CONTROL_LOCKED | X.FEATURE_CONTROL_VMXON_OUTSIDE_SMX
+        if self.v.msr_values.get("FEATURE_CONTROL", 0) & need != need:
+            raise gp()   # SDM VMXON: IA32_FEATURE_CONTROL must be locked with VMXON enabled
+        ptr = self._read_ptr(insn)
+        if not page_address_valid(ptr, self.maxphyaddr):
+            self._fail_invalid()
+            return self._done(insn)
+        rev = self._read_guest_u32(ptr)
+        if rev is None or rev != V.VMCS12_REVISION:
+            self._fail_invalid()   # KVM handle_vmxon: revision (shadow bit included) must match
+            return self._done(insn)
+        self.vmxon, self.vmxon_ptr = True, ptr
+        self._succeed()
+        self._done(insn)
+
+    def _vmxoff(self, insn: Insn) -> None:
+        """KVM handle_vmxoff -> free_nested."""
+        self._check_permission()
+        self.release_vmcs12()
+        self.vmxon, self.vmxon_ptr = False, INVALID_PTR
+        self._succeed()
+        self._done(insn)
+
+    def _vmclear(self, insn: Insn) -> None:
+        """KVM handle_vmclear."""
+        self._check_permission()
+        ptr = self._read_ptr(insn)
+        if not page_address_valid(ptr, self.maxphyaddr):
+            self._fail(X.VMXERR_VMCLEAR_INVALID_ADDRESS)
+            return self._done(insn)
+        if ptr == self.vmxon_ptr:
+            self._fail(X.VMXERR_VMCLEAR_VMXON_POINTER)
+            return self._done(insn)
+        if ptr == self.current_vmptr:
+            self.release_vmcs12()
+        # KVM handle_vmclear: launch_state = 0 in the guest's region
+        if self.v.vm.phys.find(ptr) is not None:
+            self.v.vm.phys.write(ptr + V.OFF_LAUNCH_STATE, _U32.pack(0))
+        self._succeed()
+        self._done(insn)
+
+    def _vmptrld(self, insn: Insn) -> None:
+        """KVM handle_vmptrld."""
+        self._check_permission()
+        ptr = self._read_ptr(insn)
+        if not page_address_valid(ptr, self.maxphyaddr):
+            self._fail(X.VMXERR_VMPTRLD_INVALID_ADDRESS)
+            return self._done(insn)
+        if ptr == self.vmxon_ptr:
+            self._fail(X.VMXERR_VMPTRLD_VMXON_POINTER)
+            return self._done(insn)
+        if ptr != self.current_vmptr:
+            if self.v.vm.phys.find(ptr) is None:
+                self._fail(X.VMXERR_VMPTRLD_INVALID_ADDRESS)
+                return self._done(insn)
+            image = Vmcs12(self.v.vm.phys.read(ptr, V.VMCS12_SIZE))
+            if image.revision != V.VMCS12_REVISION or image.shadow:
+                # SDM VMPTRLD: a shadow VMCS needs VMCS shadowing, which is not advertised
+                self._fail(X.VMXERR_VMPTRLD_INCORRECT_VMCS_REVISION_ID)
+                return self._done(insn)
+            self.release_vmcs12()
+            self.current_vmptr, self.vmcs12 = ptr, image
+        self._succeed()
+        self._done(insn)
+
+    def _vmptrst(self, insn: Insn) -> None:
+        """KVM handle_vmptrst."""
+        self._check_permission()
+        st = self.v.ctx.get_state()
+        self.v.linear(st).write_u64(self._operand_address(insn, st), self.current_vmptr)
+        self._succeed()
+        self._done(insn)
+
+    def _field_operand(self, insn: Insn) -> int:
+        value = self.v.ctx.gpr(insn.reg)
+        return value if self.v.ctx.code_bits() == 64 else value & 0xFFFFFFFF
+
+    def _vmread(self, insn: Insn) -> None:
+        """KVM handle_vmread."""
+        self._check_permission()
+        if self.vmcs12 is None:
+            self._fail_invalid()
+            return self._done(insn)
+        found = V.lookup(self._field_operand(insn))
+        if found is None:
+            self._fail(X.VMXERR_UNSUPPORTED_VMCS_COMPONENT)
+            return self._done(insn)
+        f, high = found
+        if f.ext and self.need_rare_sync:
+            self.sync_rare()
+        value = self.vmcs12.read(f)
+        if high:
+            value >>= 32
+        bits = self.v.ctx.code_bits()
+        if insn.mem is None:
+            self.v.ctx.set_gpr(insn.rm, value & (0xFFFFFFFFFFFFFFFF if bits == 64 else 0xFFFFFFFF))
+        else:
+            st = self.v.ctx.get_state()
+            mem = self.v.linear(st)
+            addr = self._operand_address(insn, st)
+            if bits == 64:
+                mem.write_u64(addr, value)
+            else:
+                mem.write_u32(addr, value)
+        self._succeed()
+        self._done(insn)
+
+    def _vmwrite(self, insn: Insn) -> None:
+        """KVM handle_vmwrite."""
+        self._check_permission()
+        bits = self.v.ctx.code_bits()
+        if insn.mem is None:
+            value = self.v.ctx.gpr(insn.rm)
+        else:
+            st = self.v.ctx.get_state()
+            mem = self.v.linear(st)
+            addr = self._operand_address(insn, st)
+            value = mem.read_u64(addr) if bits == 64 else mem.read_u32(addr)
+        if bits != 64:
+            value &= 0xFFFFFFFF
+        if self.vmcs12 is None:
+            self._fail_invalid()
+            return self._done(insn)
+        found = V.lookup(self._field_operand(insn))
+        if found is None:
+            self._fail(X.VMXERR_UNSUPPORTED_VMCS_COMPONENT)
+            return self._done(insn)
+        f, high = found
+        if f.type == V.TYPE_READONLY and not self.caps.misc & X.MISC_VMWRITE_SHADOW_RO_FIELDS:
+            self._fail(X.VMXERR_VMWRITE_READ_ONLY_VMCS_COMPONENT)
+            return self._done(insn)
+        if f.name not in V.SHADOW_RW and self.need_rare_sync:
+            self.sync_rare()   # KVM handle_vmwrite: vmcs12 becomes dirty; bring it up to date first
+        if f.name.endswith("_ar_bytes") and f.name.startswith("guest_"):
+            value &= V.AR_BYTES_MASK
+        if high:
+            value = (self.vmcs12.read(f) & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
+        self.vmcs12.write(f, value)
+        self._succeed()
+        self._done(insn)
+
+    def _vmlaunch(self, insn: Insn) -> None:
+        self.nested_vmx_run(insn, launch=True)
+
+    def _vmresume(self, insn: Insn) -> None:
+        self.nested_vmx_run(insn, launch=False)
+
+    # ---- vmcs12 lifetime ----------------------------------------------------------------------
+
+    def release_vmcs12(self) -> None:
+        """KVM nested_release_vmcs12: sync the rare fields and write the image back to L1."""
+        if self.vmcs12 is None:
+            return
+        if self.need_rare_sync:
+            self.sync_rare()
+        if self.v.vm.phys.find(self.current_vmptr) is not None:
+            self.v.vm.phys.write(self.current_vmptr, bytes(self.vmcs12.data))
+        self.vmcs12, self.current_vmptr = None, INVALID_PTR
+
+    def cr0_valid(self, cr0: int) -> bool:
+        """KVM nested_host_cr0_valid: CR0 within IA32_VMX_CR0_FIXED0/1."""
+        return cr0 & self.caps.cr0_fixed0 == self.caps.cr0_fixed0 and not cr0 & ~self.caps.cr0_fixed1
+
+    def cr4_valid(self, cr4: int) -> bool:
+        """KVM nested_cr4_valid: CR4 within IA32_VMX_CR4_FIXED0/1."""
+        return cr4 & self.caps.cr4_fixed0 == self.caps.cr4_fixed0 and not cr4 & ~self.caps.cr4_fixed1
+
+    # ---- VM entry -------------------------------------------------------------------------------
+
+    def nested_vmx_run(self, insn: Insn, launch: bool) -> None:
+        """KVM nested_vmx_run: the checks in order, then enter L2 (SDM 27.1-27.3)."""
+        self._check_permission()
+        v12 = self.vmcs12
+        if v12 is None:
+            self._fail_invalid()
+            return self._done(insn)
+        if v12.launch_state == launch:
+            self._fail(X.VMXERR_VMLAUNCH_NONCLEAR_VMCS if launch else X.VMXERR_VMRESUME_NONLAUNCHED_VMCS)
+            return self._done(insn)
+        failure = check_controls(v12, self.caps, self.maxphyaddr)
+        if failure is not None:
+            return self._entry_vmfail(insn, failure, X.VMXERR_ENTRY_INVALID_CONTROL_FIELD)
+        l1_lma = bool(self.v.ctx.cpu_msr(M.EFER) & EFER_LMA)
+        failure = check_host_state(v12, self.caps, self.maxphyaddr, l1_lma)
+        if failure is not None:
+            return self._entry_vmfail(insn, failure, X.VMXERR_ENTRY_INVALID_HOST_STATE_FIELD)
+        self._done(insn)
+        failed = check_guest_state(v12, self.caps, True, self.maxphyaddr, self._read_guest_u32)
+        if failed is not None:
+            fc, qual = failed
+            self._trace("kvm_nested_vmenter_failed", check=fc.name, source=fc.source, values=fc.values)
+            self.stats["entry_failed"] += 1
+            return self._failed_entry_exit(X.EXIT["INVALID_STATE"], qual)
+        self._trace("kvm_nested_vmenter", rip=v12["guest_rip"], vmcs=self.current_vmptr,
+                    exit_qual=v12["exit_qualification"], launch=launch)
+        self.enter_guest_mode()
+        index = self._load_msr_list(v12["vm_entry_msr_load_addr"], v12["vm_entry_msr_load_count"])
+        if index:
+            return self._failed_entry_exit(X.EXIT["MSR_LOAD_FAIL"], index)
+        self.stats["entries"] += 1
+        self._inject_on_entry(v12)
+
+    def _entry_vmfail(self, insn: Insn, failure: CheckFailure, error: int) -> None:
+        self._trace("kvm_nested_vmenter_failed", check=failure.name, source=failure.source, values=failure.values)
+        self.stats["entry_vmfail"] += 1
+        self._fail(error)
+        self._done(insn)
+
+    def enter_guest_mode(self) -> None:
+        """KVM prepare_vmcs02 + enter_guest_mode: load vmcs12's guest state into the L2 context."""
+        v12 = self.vmcs12
+        assert v12 is not None
+        l1 = self.v.ctx
+        if self.ctx02 is None:
+            self.ctx02 = self.v.new_context()
+        l2 = self.ctx02
+        entry = v12["vm_entry_controls"]
+        l1_efer = l1.cpu_msr(M.EFER)
+        if entry & X.ENTRY_LOAD_IA32_EFER:
+            efer = v12["guest_ia32_efer"]
+        elif entry & X.ENTRY_IA32E_MODE:
+            efer = l1_efer | EFER_LMA | EFER_LME   # KVM nested_vmx_calc_efer
+        else:
+            efer = l1_efer & ~(EFER_LMA | EFER_LME)
+        st = ArchState(
+            rip=v12["guest_rip"], rsp=v12["guest_rsp"], rflags=v12["guest_rflags"] | 2,
+            gdt=DescTable(v12["guest_gdtr_base"], v12["guest_gdtr_limit"]),
+            idt=DescTable(v12["guest_idtr_base"], v12["guest_idtr_limit"]),
+            cr0=v12["guest_cr0"], cr2=l1.reg_cr(2), cr3=v12["guest_cr3"], cr4=v12["guest_cr4"], efer=efer)
+        for s in _SEGS:
+            seg = segment_from_vmcs(v12[f"guest_{s}_selector"], v12[f"guest_{s}_base"],
+                                    v12[f"guest_{s}_limit"], v12[f"guest_{s}_ar_bytes"])
+            setattr(st, "ldt" if s == "ldtr" else s, seg)
+        gprs = l1.gprs()
+        l2.set_state(st)
+        l2.set_gprs(gprs[:4] + [st.rsp] + gprs[5:])
+        for index in _SHARED_CPU_MSRS:
+            l2.set_cpu_msr(index, l1.cpu_msr(index))
+        l2.set_cpu_msr(M.IA32_SYSENTER_CS, v12["guest_sysenter_cs"])
+        l2.set_cpu_msr(M.IA32_SYSENTER_ESP, v12["guest_sysenter_esp"])
+        l2.set_cpu_msr(M.IA32_SYSENTER_EIP, v12["guest_sysenter_eip"])
+        l2.set_cpu_msr(M.IA32_PAT, v12["guest_ia32_pat"] if entry & X.ENTRY_LOAD_IA32_PAT else l1.cpu_msr(M.IA32_PAT))
+        for i in range(5):
+            l2.set_reg(DREGS[i], l1.reg(DREGS[i]))
+        l2.set_reg(DREGS[5], v12["guest_dr7"] if entry & X.ENTRY_LOAD_DEBUG_CONTROLS else l1.reg(DREGS[5]))
+        intr = v12["guest_interruptibility_info"]
+        shadow = intr & (X.GUEST_INTR_STATE_STI | X.GUEST_INTR_STATE_MOV_SS)
+        l2.patch_hflags(set_mask=HF_INHIBIT_IRQ if shadow else 0, clear_mask=0 if shadow else HF_INHIBIT_IRQ,
+                        set2=HF2_NMI if intr & X.GUEST_INTR_STATE_NMI else 0,
+                        clear2=0 if intr & X.GUEST_INTR_STATE_NMI else HF2_NMI)
+        # SDM 28.3.3.3: without VPID, VM entry invalidates linear mappings
+        l2.flush_tlb()
+        cpu = v12["cpu_based_vm_exec_control"]
+        self.l2_tsc_offset = v12["tsc_offset"] if cpu & X.CPU_USE_TSC_OFFSETTING else 0
+        self.guest_mode = True
+        self.need_rare_sync = False
+        self.v.switch_context(l2)
+        if v12["guest_activity_state"] == X.ACTIVITY_HLT:
+            self.v.halt_in_guest()
+
+    def _inject_on_entry(self, v12: Vmcs12) -> None:
+        """SDM 27.6: deliver the event in the VM-entry interruption-information field."""
+        info = v12["vm_entry_intr_info_field"]
+        if not info & X.INTR_INFO_VALID:
+            return
+        ec = v12["vm_entry_exception_error_code"] if info & X.INTR_INFO_DELIVER_CODE else None
+        self.v.inject_from_vmcs(info & 0xFF, (info >> 8) & 7, ec, v12["vm_entry_instruction_len"])
+
+    def _load_msr_list(self, addr: int, count: int) -> int:
+        """KVM nested_vmx_load_msr: 0 on success, else the 1-based index of the bad entry."""
+        for i in range(count):
+            try:
+                index, reserved, value = _MSR_ENTRY.unpack(self.v.vm.phys.read(addr + 16 * i, 16))
+            except (ValueError, KeyError, IndexError):
+                return i + 1
+            # KVM nested_vmx_msr_check_common / nested_vmx_load_msr_check
+            if reserved or index in (M.FS_BASE, M.GS_BASE, 0x9B) or \
+                    (index >> 8 == 0x8 and self.v.lapic.x2apic_mode):
+                return i + 1
+            try:
+                msrs.set_msr(self.v, index, value)
+            except GuestFault:
+                return i + 1
+        return 0
+
+    def _store_msr_list(self, addr: int, count: int) -> bool:
+        """KVM nested_vmx_store_msr: False if an entry cannot be stored (a VMX abort)."""
+        for i in range(count):
+            try:
+                index, reserved, _ = _MSR_ENTRY.unpack(self.v.vm.phys.read(addr + 16 * i, 16))
+                if reserved or (index >> 8 == 0x8 and self.v.lapic.x2apic_mode):
+                    return False
+                value = msrs.get_msr(self.v, index)
+                self.v.vm.phys.write(addr + 16 * i + 8, value.to_bytes(8, "little"))
+            except (GuestFault, ValueError, KeyError, IndexError):
+                return False
+        return True
+
+    # ---- which exits L1 wants (nested_vmx_l1_wants_exit) -------------------------------------
+
+    def l2_trap(self, insn: Insn, rip: int) -> ExitInfo | None:
+        """An instruction L0 trapped while L2 runs: the exit L1 wants, or None (L0 handles it)."""
+        v12 = self.vmcs12
+        assert v12 is not None
+        cpu = v12["cpu_based_vm_exec_control"]
+        op = insn.op
+        n = insn.length
+        if op == Op.CPUID:
+            return ExitInfo(10, insn_len=n)
+        if op == Op.HLT:
+            return ExitInfo(12, insn_len=n) if cpu & X.CPU_HLT_EXITING else None
+        if op in (Op.RDTSC, Op.RDTSCP):
+            return ExitInfo(16 if op == Op.RDTSC else 51, insn_len=n) if cpu & X.CPU_RDTSC_EXITING else None
+        if op in (Op.RDMSR, Op.WRMSR):
+            return self._msr_exit(insn, cpu, op == Op.WRMSR)
+        if op in (Op.IN, Op.OUT, Op.INS, Op.OUTS):
+            return self._io_exit(insn, cpu)
+        if op in (Op.MOV_TO_CR, Op.MOV_FROM_CR, Op.CLTS, Op.LMSW):
+            return self._cr_exit(insn, cpu, v12)
+        if op in (Op.MOV_TO_DR, Op.MOV_FROM_DR):
+            if not cpu & X.CPU_MOV_DR_EXITING:
+                return None
+            # SDM Table 28-4: DR number, direction (1 = MOV from DR), register
+            qual = insn.crn | ((op == Op.MOV_FROM_DR) << 4) | (insn.reg << 8)
+            return ExitInfo(29, qual, insn_len=n)
+        if op == Op.INVLPG:
+            if not cpu & X.CPU_INVLPG_EXITING:
+                return None
+            return ExitInfo(14, self._operand_address(insn, self.v.ctx.get_state()), insn_len=n)
+        if op == Op.PAUSE:
+            return ExitInfo(40, insn_len=n) if cpu & X.CPU_PAUSE_EXITING else None
+        if op == Op.XSETBV:
+            return ExitInfo(55, insn_len=n)
+        return None
+
+    def _msr_exit(self, insn: Insn, cpu: int, write: bool) -> ExitInfo | None:
+        """KVM nested_vmx_exit_handled_msr (SDM 25.6.9 MSR bitmaps)."""
+        reason = 32 if write else 31
+        if not cpu & X.CPU_USE_MSR_BITMAPS:
+            return ExitInfo(reason, insn_len=insn.length)
+        index = self.v.ctx.gpr(1) & 0xFFFFFFFF
+        bitmap = self.vmcs12["msr_bitmap"] + (2048 if write else 0)
+        if index >= 0xC0000000:
+            index -= 0xC0000000
+            bitmap += 1024
+        if index >= 8192:
+            return ExitInfo(reason, insn_len=insn.length)
+        try:
+            byte = self.v.vm.phys.read(bitmap + index // 8, 1)[0]
+        except (ValueError, KeyError, IndexError):
+            return ExitInfo(reason, insn_len=insn.length)
+        return ExitInfo(reason, insn_len=insn.length) if byte >> (index & 7) & 1 else None
+
+    def _io_exit(self, insn: Insn, cpu: int) -> ExitInfo | None:
+        """KVM nested_vmx_exit_handled_io (SDM 25.6.4 I/O bitmaps); qualification SDM Table 28-5."""
+        port = insn.port if insn.port is not None else self.v.ctx.gpr(2) & 0xFFFF
+        if not cpu & X.CPU_USE_IO_BITMAPS:
+            wanted = bool(cpu & X.CPU_UNCOND_IO_EXITING)
+        else:
+            wanted = False
+            for p in range(port, port + insn.size):
+                if p >= 0x10000:
+                    wanted = True
+                    break
+                base = self.vmcs12["io_bitmap_a" if p < 0x8000 else "io_bitmap_b"]
+                try:
+                    byte = self.v.vm.phys.read(base + (p & 0x7FFF) // 8, 1)[0]
+                except (ValueError, KeyError, IndexError):
+                    wanted = True
+                    break
+                if byte >> (p & 7) & 1:
+                    wanted = True
+                    break
+        if not wanted:
+            return None
+        string = insn.op in (Op.INS, Op.OUTS)
+        qual = (insn.size - 1) | ((insn.op in (Op.IN, Op.INS)) << 3) | (string << 4) | (insn.rep << 5) \
+            | ((insn.port is not None) << 6) | (port << 16)
+        linear = 0
+        if string:
+            st = self.v.ctx.get_state()
+            reg = 7 if insn.op == Op.INS else 6
+            seg = st.es if insn.op == Op.INS else (st.es, st.cs, st.ss, st.ds, st.fs, st.gs)[insn.seg]
+            mask = (1 << (8 * insn.addr_size)) - 1
+            linear = (seg.base + (self.v.ctx.gpr(reg) & mask)) & 0xFFFFFFFFFFFFFFFF
+        info = ExitInfo(30, qual, insn_len=insn.length)
+        if string:
+            self.vmcs12["guest_linear_address"] = linear
+        return info
+
+    def _cr_exit(self, insn: Insn, cpu: int, v12: Vmcs12) -> ExitInfo | None:
+        """KVM nested_vmx_exit_handled_cr; qualification SDM Table 28-3."""
+        op, n = insn.op, insn.length
+        if op == Op.MOV_TO_CR:
+            qual = insn.crn | (X.CR_ACCESS_MOV_TO << 4) | (insn.reg << 8)
+            value = self.v.ctx.gpr(insn.reg)
+            if insn.crn == 0:
+                wanted = bool(v12["cr0_guest_host_mask"] & (value ^ v12["cr0_read_shadow"]))
+            elif insn.crn == 4:
+                wanted = bool(v12["cr4_guest_host_mask"] & (value ^ v12["cr4_read_shadow"]))
+            elif insn.crn == 3:
+                wanted = bool(cpu & X.CPU_CR3_LOAD_EXITING)
+            elif insn.crn == 8:
+                wanted = bool(cpu & X.CPU_CR8_LOAD_EXITING)
+            else:
+                wanted = False
+            return ExitInfo(28, qual, insn_len=n) if wanted else None
+        if op == Op.MOV_FROM_CR:
+            qual = insn.crn | (X.CR_ACCESS_MOV_FROM << 4) | (insn.reg << 8)
+            wanted = (insn.crn == 3 and bool(cpu & X.CPU_CR3_STORE_EXITING)) or \
+                     (insn.crn == 8 and bool(cpu & X.CPU_CR8_STORE_EXITING))
+            return ExitInfo(28, qual, insn_len=n) if wanted else None
+        mask, shadow = v12["cr0_guest_host_mask"], v12["cr0_read_shadow"]
+        if op == Op.CLTS:
+            wanted = bool(mask & CR0_TS and shadow & CR0_TS)
+            return ExitInfo(28, X.CR_ACCESS_CLTS << 4, insn_len=n) if wanted else None
+        if insn.mem is not None:
+            return None   # LMSW from memory: the operand value is not at hand; L0 runs it
+        val = self.v.ctx.gpr(insn.reg) & 0xF
+        wanted = bool(mask & 0xE & (val ^ shadow)) or (bool(mask & 1) and not shadow & 1 and bool(val & 1))
+        qual = (X.CR_ACCESS_LMSW << 4) | (val << 16)
+        return ExitInfo(28, qual, insn_len=n) if wanted else None
+
+    def cr_read_value(self, crn: int, real: int) -> int:
+        """What MOV from CR0/CR4 returns in L2: guest/host-mask bits from the read shadow."""
+        v12 = self.vmcs12
+        assert v12 is not None
+        if crn == 0:
+            mask, shadow = v12["cr0_guest_host_mask"], v12["cr0_read_shadow"]
+        elif crn == 4:
+            mask, shadow = v12["cr4_guest_host_mask"], v12["cr4_read_shadow"]
+        else:
+            return real
+        return (real & ~mask) | (shadow & mask)
+
+    def cr_write_value(self, crn: int, value: int, real: int) -> int:
+        """An L2 MOV to CR0/CR4 that does not exit leaves the bits L1 owns unchanged (SDM 26.3)."""
+        v12 = self.vmcs12
+        assert v12 is not None
+        mask = v12["cr0_guest_host_mask"] if crn == 0 else v12["cr4_guest_host_mask"] if crn == 4 else 0
+        return (value & ~mask) | (real & mask)
+
+    def insn_exit(self, insn: Insn) -> ExitInfo:
+        """A VMX instruction executed in L2 always exits to L1, with its instruction information
+        (SDM Table 28-13/28-14) and the displacement as the qualification."""
+        info = 0
+        qual = 0
+        if insn.mem is not None:
+            m = insn.mem
+            info |= {1: 0, 2: 1, 4: 2, 8: 3}[m.scale] | ({2: 0, 4: 1, 8: 2}[m.addr_size] << 7) | (m.seg << 15)
+            info |= (m.index << 18) if m.index is not None else 1 << 22
+            info |= (m.base << 23) if m.base is not None else 1 << 27
+            qual = m.disp & 0xFFFFFFFFFFFFFFFF
+        else:
+            info |= 1 << 10 | (insn.rm << 3)
+        if insn.op in (Op.VMREAD, Op.VMWRITE, Op.INVEPT, Op.INVVPID):
+            info |= insn.reg << 28
+        return ExitInfo(_INSN_EXIT[insn.op], qual, insn_len=insn.length, insn_info=info)
+
+    def exception_exit(self, vector: int, error_code: int | None, payload: int | None) -> ExitInfo | None:
+        """KVM nested_vmx_l1_wants_exit for EXCEPTION_NMI; #PF through the PFEC mask/match
+        (SDM 25.6.3)."""
+        v12 = self.vmcs12
+        assert v12 is not None
+        bitmap = v12["exception_bitmap"]
+        if vector == 14:
+            ec = error_code or 0
+            match = (ec & v12["page_fault_error_code_mask"]) == v12["page_fault_error_code_match"]
+            wanted = match if bitmap >> 14 & 1 else not match
+        else:
+            wanted = bool(bitmap >> vector & 1)
+        if not wanted:
+            return None
+        kind = X.INTR_TYPE_SOFT_EXCEPTION if vector in (3, 4) else X.INTR_TYPE_HARD_EXCEPTION
+        info = vector | kind | X.INTR_INFO_VALID
+        if error_code is not None and self.v.ctx.get_state().protected:
+            info |= X.INTR_INFO_DELIVER_CODE
+        qual = (payload or 0) if vector == 14 else 0
+        return ExitInfo(0, qual, info, (error_code or 0) & 0xFFFF)
+
+    def exits_on_intr(self) -> bool:
+        v12 = self.vmcs12
+        return v12 is not None and bool(v12["pin_based_vm_exec_control"] & X.PIN_EXT_INTR_MASK)
+
+    def exits_on_nmi(self) -> bool:
+        v12 = self.vmcs12
+        return v12 is not None and bool(v12["pin_based_vm_exec_control"] & X.PIN_NMI_EXITING)
+
+    def intr_window_exiting(self) -> bool:
+        v12 = self.vmcs12
+        return v12 is not None and bool(v12["cpu_based_vm_exec_control"] & X.CPU_INTR_WINDOW)
+
+    def ack_intr_on_exit(self) -> bool:
+        v12 = self.vmcs12
+        return v12 is not None and bool(v12["vm_exit_controls"] & X.EXIT_ACK_INTR_ON_EXIT)
+
+    # ---- nested VM exit -------------------------------------------------------------------------
+
+    def vmexit(self, e: ExitInfo) -> None:
+        """KVM nested_vmx_vmexit: sync vmcs02 -> vmcs12, write the exit information, load L1's
+        host state (SDM 28.2-28.5)."""
+        v12 = self.vmcs12
+        assert v12 is not None and self.ctx02 is not None
+        l2 = self.ctx02
+        st = l2.get_state()
+        copied = self._sync_common(v12, st, l2)
+        if self.eager_sync:
+            copied += self.sync_rare()
+        else:
+            self.need_rare_sync = True
+        # SDM 28.2: exit information; KVM prepare_vmcs12
+        v12["vm_exit_reason"] = e.reason
+        v12["exit_qualification"] = e.qualification
+        v12["vm_exit_intr_info"] = e.intr_info
+        v12["vm_exit_intr_error_code"] = e.intr_error_code
+        v12["vm_exit_instruction_len"] = e.insn_len
+        v12["vmx_instruction_info"] = e.insn_info
+        v12["idt_vectoring_info_field"] = 0
+        v12.launch_state = 1
+        v12["vm_entry_intr_info_field"] = v12["vm_entry_intr_info_field"] & ~X.INTR_INFO_VALID
+        copied += 8
+        self.stats["exits"] += 1
+        self.stats[f"exit_{X.EXIT_REASONS.get(e.reason, e.reason)}"] += 1
+        self.stats["fields_copied"] += copied
+        self._trace("kvm_nested_vmexit", reason=e.reason, rip=st.rip, qual=e.qualification,
+                    intr_info=e.intr_info, fields_copied=copied)
+        gprs = l2.gprs()
+        abort = not self._store_msr_list(v12["vm_exit_msr_store_addr"], v12["vm_exit_msr_store_count"])
+        self._leave_guest_mode(gprs, from_l2=True)
+        if abort or self._load_msr_list(v12["vm_exit_msr_load_addr"], v12["vm_exit_msr_load_count"]):
+            self.v.vmx_abort()   # SDM 28.7: a VMX abort; KVM turns it into a triple fault
+
+    def _sync_common(self, v12: Vmcs12, st: ArchState, l2: ExecContext) -> int:
+        """KVM sync_vmcs02_to_vmcs12: the fields synced on every exit; returns how many."""
+        m0, m4 = v12["cr0_guest_host_mask"], v12["cr4_guest_host_mask"]
+        v12["guest_cr0"] = (st.cr0 & ~m0) | (v12["guest_cr0"] & m0)
+        v12["guest_cr4"] = (st.cr4 & ~m4) | (v12["guest_cr4"] & m4)
+        v12["guest_cr3"] = st.cr3
+        v12["guest_rsp"] = st.rsp
+        v12["guest_rip"] = st.rip
+        v12["guest_rflags"] = st.rflags
+        v12["guest_cs_ar_bytes"] = ar_from_segment(st.cs)
+        v12["guest_ss_ar_bytes"] = ar_from_segment(st.ss)
+        hf, hf2 = l2.hflags(), l2.hflags2()
+        v12["guest_interruptibility_info"] = (X.GUEST_INTR_STATE_STI if hf & HF_INHIBIT_IRQ else 0) \
+            | (X.GUEST_INTR_STATE_NMI if hf2 & HF2_NMI else 0)
+        v12["guest_activity_state"] = X.ACTIVITY_HLT if self.v.halted_in_guest() else X.ACTIVITY_ACTIVE
+        entry = v12["vm_entry_controls"]
+        v12["vm_entry_controls"] = (entry & ~X.ENTRY_IA32E_MODE) | (X.ENTRY_IA32E_MODE if st.efer & EFER_LMA else 0)
+        v12["guest_sysenter_cs"] = l2.cpu_msr(M.IA32_SYSENTER_CS)
+        v12["guest_sysenter_esp"] = l2.cpu_msr(M.IA32_SYSENTER_ESP)
+        v12["guest_sysenter_eip"] = l2.cpu_msr(M.IA32_SYSENTER_EIP)
+        n = 16
+        exit_ctl = v12["vm_exit_controls"]
+        if exit_ctl & X.EXIT_SAVE_DEBUG_CONTROLS:
+            v12["guest_dr7"] = l2.reg(DREGS[5])
+            n += 1
+        if exit_ctl & X.EXIT_SAVE_IA32_EFER:
+            v12["guest_ia32_efer"] = st.efer
+            n += 1
+        if exit_ctl & X.EXIT_SAVE_IA32_PAT:
+            v12["guest_ia32_pat"] = l2.cpu_msr(M.IA32_PAT)
+            n += 1
+        return n
+
+    def sync_rare(self) -> int:
+        """KVM sync_vmcs02_to_vmcs12_rare: segment state and descriptor tables from vmcs02."""
+        v12 = self.vmcs12
+        self.need_rare_sync = False
+        if v12 is None or self.ctx02 is None:
+            return 0
+        st = self.ctx02.get_state()
+        n = 0
+        for s in _SEGS:
+            seg = getattr(st, "ldt" if s == "ldtr" else s)
+            v12[f"guest_{s}_selector"] = seg.selector
+            v12[f"guest_{s}_base"] = seg.base
+            v12[f"guest_{s}_limit"] = seg.limit
+            n += 3
+            if s not in ("cs", "ss"):
+                v12[f"guest_{s}_ar_bytes"] = ar_from_segment(seg)
+                n += 1
+        v12["guest_gdtr_base"], v12["guest_gdtr_limit"] = st.gdt.base, st.gdt.limit
+        v12["guest_idtr_base"], v12["guest_idtr_limit"] = st.idt.base, st.idt.limit
+        v12["guest_pending_dbg_exceptions"] = 0
+        self.stats["rare_syncs"] += 1
+        self.stats["fields_copied_rare"] += n + 5
+        return n + 5
+
+    def _leave_guest_mode(self, l2_gprs: list[int], from_l2: bool) -> None:
+        """KVM load_vmcs12_host_state (SDM 28.5). `from_l2`: L2 ran, so the state VMX does not
+        switch (GPRs, shared MSRs, debug registers, CR2) comes back from its context."""
+        v12 = self.vmcs12
+        assert v12 is not None
+        l1 = self.v.ctx01
+        l2 = self.ctx02 if from_l2 else None
+        exit_ctl = v12["vm_exit_controls"]
+        ia32e = bool(exit_ctl & X.EXIT_HOST_ADDR_SPACE_SIZE)
+        efer = l1.cpu_msr(M.EFER)
+        if exit_ctl & X.EXIT_LOAD_IA32_EFER:
+            efer = v12["host_ia32_efer"]
+        elif ia32e:
+            efer |= EFER_LMA | EFER_LME
+        else:
+            efer &= ~(EFER_LMA | EFER_LME)
+        code = (1 << 15) | (1 << 12) | (0xB << 8) | (1 << 23) | ((1 << 21) if ia32e else (1 << 22))
+        data = (1 << 15) | (1 << 12) | (0x3 << 8) | (1 << 23) | (1 << 22)
+
+        def dseg(name: str, base: int = 0) -> Segment:
+            sel = v12[f"host_{name}_selector"]
+            return Segment(sel, base, 0xFFFFFFFF, data if sel else data & ~SEG_P)
+
+        st = ArchState(
+            rip=v12["host_rip"], rsp=v12["host_rsp"], rflags=2,
+            cs=Segment(v12["host_cs_selector"], 0, 0xFFFFFFFF, code),
+            ss=Segment(v12["host_ss_selector"], 0, 0xFFFFFFFF, data),
+            ds=dseg("ds"), es=dseg("es"), fs=dseg("fs", v12["host_fs_base"]), gs=dseg("gs", v12["host_gs_base"]),
+            tr=Segment(v12["host_tr_selector"], v12["host_tr_base"], 0x67, (1 << 15) | (0xB << 8)),
+            ldt=Segment(0, 0, 0, 0x2 << 8),
+            gdt=DescTable(v12["host_gdtr_base"], 0xFFFF), idt=DescTable(v12["host_idtr_base"], 0xFFFF),
+            cr0=v12["host_cr0"], cr2=l2.reg_cr(2) if l2 is not None else l1.reg_cr(2),
+            cr3=v12["host_cr3"], cr4=v12["host_cr4"], efer=efer)
+        l1.set_state(st)
+        l1.set_gprs(l2_gprs[:4] + [st.rsp] + l2_gprs[5:])
+        l1.set_cpu_msr(M.IA32_SYSENTER_CS, v12["host_ia32_sysenter_cs"])
+        l1.set_cpu_msr(M.IA32_SYSENTER_ESP, v12["host_ia32_sysenter_esp"])
+        l1.set_cpu_msr(M.IA32_SYSENTER_EIP, v12["host_ia32_sysenter_eip"])
+        if exit_ctl & X.EXIT_LOAD_IA32_PAT:
+            l1.set_cpu_msr(M.IA32_PAT, v12["host_ia32_pat"])
+        if l2 is not None:
+            for index in _SHARED_CPU_MSRS:
+                l1.set_cpu_msr(index, l2.cpu_msr(index))
+            for i in range(5):
+                l1.set_reg(DREGS[i], l2.reg(DREGS[i]))
+        l1.set_reg(DREGS[5], 0x400)
+        l1.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
+        self.guest_mode = False
+        self.l2_tsc_offset = 0
+        self.v.switch_context(l1)
+
+    def _failed_entry_exit(self, reason: int, qual: int) -> None:
+        """SDM 27.8: a VM-entry failure loads L1's host state; only the exit reason and
+        qualification change in vmcs12, and the VMCS stays unlaunched."""
+        v12 = self.vmcs12
+        assert v12 is not None
+        v12["vm_exit_reason"] = reason | X.EXIT_REASON_FAILED_VMENTRY
+        v12["exit_qualification"] = qual
+        self.stats["exits"] += 1
+        self.stats[f"exit_{X.EXIT_REASONS.get(reason, reason)}"] += 1
+        self._trace("kvm_nested_vmexit", reason=reason | X.EXIT_REASON_FAILED_VMENTRY, qual=qual)
+        self._leave_guest_mode(self.v.ctx01.gprs(), from_l2=self.guest_mode)
+
+
+_HANDLERS = {
+    Op.VMXON: NestedVmx._vmxon,
+    Op.VMXOFF: NestedVmx._vmxoff,
+    Op.VMCLEAR: NestedVmx._vmclear,
+    Op.VMPTRLD: NestedVmx._vmptrld,
+    Op.VMPTRST: NestedVmx._vmptrst,
+    Op.VMREAD: NestedVmx._vmread,
+    Op.VMWRITE: NestedVmx._vmwrite,
+    Op.VMLAUNCH: NestedVmx._vmlaunch,
+    Op.VMRESUME: NestedVmx._vmresume,
+}

@@ -1,0 +1,50 @@
+"""vmcs12: L1's VMCS as a 4 KiB image in KVM's layout; the image is the source of truth."""
+
+from __future__ import annotations
+
+import struct
+
+from ...arch import vmcs as V
+
+_FMT = {2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+_U32 = _FMT[4]
+
+
+class Vmcs12:
+    """The cached vmcs12 (KVM's cached_vmcs12): fields by name or by `arch.vmcs.Field`."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray | None = None) -> None:
+        self.data = bytearray(data) if data is not None else bytearray(V.VMCS12_SIZE)
+
+    @property
+    def revision(self) -> int:
+        return _U32.unpack_from(self.data, V.OFF_REVISION)[0] & ~V.SHADOW_VMCS_BIT
+
+    @property
+    def shadow(self) -> bool:
+        return bool(_U32.unpack_from(self.data, V.OFF_REVISION)[0] & V.SHADOW_VMCS_BIT)
+
+    @property
+    def launch_state(self) -> int:
+        return _U32.unpack_from(self.data, V.OFF_LAUNCH_STATE)[0]
+
+    @launch_state.setter
+    def launch_state(self, value: int) -> None:
+        _U32.pack_into(self.data, V.OFF_LAUNCH_STATE, value)
+
+    def read(self, f: V.Field) -> int:
+        return _FMT[f.size].unpack_from(self.data, f.offset)[0]
+
+    def write(self, f: V.Field, value: int) -> None:
+        _FMT[f.size].pack_into(self.data, f.offset, value & ((1 << (8 * f.size)) - 1))
+
+    def __getitem__(self, name: str) -> int:
+        return self.read(V.BY_NAME[name])
+
+    def __setitem__(self, name: str, value: int) -> None:
+        self.write(V.BY_NAME[name], value)
+
+    def fields(self) -> dict[str, int]:
+        return {f.name: self.read(f) for f in V.FIELDS}
