@@ -618,6 +618,8 @@ class Vcpu:
 
     def on_trap(self, insn: Insn, rip: int) -> int:
         """Called from the trap hook, inside emulation, at a trapped instruction."""
+        if insn.op in VMX_OPS:
+            return N.NV_CONTINUE   # the substrate raises #UD for it: see _ud_instruction
         nested = self.nested
         if nested is not None and nested.guest_mode:
             try:

@@ -175,7 +175,11 @@ main:
     movb $1, test_ok(%rip)
     movq $0, skip_reason(%rip)
     movq $0, check_no(%rip)
+    push %rbx                       /* a test may clobber any register */
+    push %r12
     call *%r12
+    pop %r12
+    pop %rbx
     mov skip_reason(%rip), %rsi
     test %rsi, %rsi
     jnz 3f
@@ -372,3 +376,5 @@ fail_check: .quad 0
 check_no:  .quad 0
 skip_reason: .quad 0
 test_ok:   .byte 0
+
+    .text
