@@ -31,6 +31,9 @@ class Op(IntEnum):
     LMSW = 17
     CLTS = 18
     XSETBV = 19
+    INVD = 33
+    WBINVD = 34
+    STI = 35
     # VMX instructions: the substrate raises #UD for them; they are decoded from the #UD
     VMCALL = 20
     VMLAUNCH = 21
@@ -171,6 +174,8 @@ def _decode(code: bytes, bits: int) -> Insn | None:
     i += 1
     if b == 0xF4:
         return Insn(Op.HLT, i)
+    if b == 0xFB:
+        return Insn(Op.STI, i)
     if b == 0x90 and rep_byte == 0xF3 and not rex & 1:
         return Insn(Op.PAUSE, i)
     if b in (0xE4, 0xE5, 0xE6, 0xE7):
@@ -187,7 +192,8 @@ def _decode(code: bytes, bits: int) -> Insn | None:
         return None
     b = code[i]
     i += 1
-    simple = {0x30: Op.WRMSR, 0x32: Op.RDMSR, 0x31: Op.RDTSC, 0xA2: Op.CPUID, 0x06: Op.CLTS}
+    simple = {0x30: Op.WRMSR, 0x32: Op.RDMSR, 0x31: Op.RDTSC, 0xA2: Op.CPUID, 0x06: Op.CLTS,
+              0x08: Op.INVD, 0x09: Op.WBINVD}
     if b in simple:
         return Insn(simple[b], i)
     if b in (0x20, 0x21, 0x22, 0x23):

@@ -550,7 +550,7 @@ class Vcpu:
                 self._queue_fault(f)
                 return None
             # the emulated instruction retired, which ends an STI/MOV SS shadow (SDM 6.8.3)
-            if self.ctx.hflags() & HF_INHIBIT_IRQ:
+            if insn.op != Op.STI and self.ctx.hflags() & HF_INHIBIT_IRQ:
                 self.ctx.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
             return ex
         if stop == Stop.EXCEPTION:
@@ -783,6 +783,11 @@ class Vcpu:
     def _native(self, insn: Insn, rip: int) -> int:
         return N.NV_CONTINUE
 
+    def _sti(self, insn: Insn, rip: int) -> int | None:
+        # With an interrupt waiting, the window STI opens can be one instruction long
+        # (sti; nop; cli): STI is then emulated outside so the event lands right after it.
+        return None if self._event_waiting() and not self.ctx.rflags & RFLAGS_IF else N.NV_CONTINUE
+
     def _pause(self, insn: Insn, rip: int) -> int:
         if self.run_until >= INFINITY:
             return N.NV_CONTINUE   # alone on the machine: nobody to yield to
@@ -803,6 +808,8 @@ class Vcpu:
             return None
         if op in (Op.IN, Op.OUT, Op.INS, Op.OUTS):
             return self._pio(insn)
+        if op == Op.STI:
+            return self._emulate_sti(insn)
         if op == Op.MOV_TO_CR:
             self._set_cr(insn.crn, self._cr_operand(insn))
             self.ctx.rip = self.ctx.rip + insn.length
@@ -816,6 +823,21 @@ class Vcpu:
             self.ctx.rip = self.ctx.rip + insn.length
             return None
         return Exit(U.KVM_EXIT_INTERNAL_ERROR, internal=InternalError(U.KVM_INTERNAL_ERROR_EMULATION, f"no emulation for {op.name}"))
+
+    def _emulate_sti(self, insn: Insn) -> Exit | None:
+        """SDM STI: IF = 1 with blocking by STI for one instruction; that instruction runs
+        here, so a waiting interrupt is taken right after it."""
+        st_flags = self.ctx.rflags
+        if self.ctx.reg_cr(0) & CR0_PE and not st_flags & RFLAGS_VM and self._cpl() > (st_flags >> 12) & 3:
+            raise gp()   # SDM STI: CPL > IOPL (without VME/PVI, which are not advertised)
+        self.ctx.rflags = st_flags | RFLAGS_IF
+        self.ctx.rip = self.ctx.rip + insn.length
+        self.ctx.patch_hflags(set_mask=HF_INHIBIT_IRQ)
+        stop = self.ctx.step()
+        self.clock += self.ctx.retired
+        if self.ctx.hflags() & HF_INHIBIT_IRQ:
+            self.ctx.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
+        return self._handle_stop(stop)
 
     def _cr_operand(self, insn: Insn) -> int:
         value = self.ctx.gpr(insn.reg)
@@ -1230,7 +1252,10 @@ _IN_HOOK = {
     Op.MOV_TO_DR: Vcpu._mov_dr,
     Op.INVLPG: Vcpu._invlpg,
     Op.PAUSE: Vcpu._pause,
+    Op.STI: Vcpu._sti,
     Op.CLTS: Vcpu._native,
     Op.LMSW: Vcpu._native,
     Op.XSETBV: Vcpu._native,
+    Op.INVD: Vcpu._native,     # KVM emulates INVD as WBINVD: a no-op here (no caches)
+    Op.WBINVD: Vcpu._native,
 }

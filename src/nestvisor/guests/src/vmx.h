@@ -100,6 +100,7 @@
 .set EXIT_TRIPLE_FAULT, 2
 .set EXIT_CPUID, 10
 .set EXIT_HLT, 12
+.set EXIT_INVD, 13
 .set EXIT_VMCALL, 18
 .set EXIT_CR, 28
 .set EXIT_IO, 30

@@ -25,7 +25,7 @@
     TESTS_BEGIN
     DEFTEST t_vmx_feature, vmx_feature, "CPUID.1:ECX.VMX and IA32_VMX_BASIC (revision 0x11e57ed0, TRUE controls)"
     DEFTEST t_vmxon_ud, vmxon_ud, "VMXON with CR4.VMXE=0 is #UD"
-    DEFTEST t_vmxon_gp, vmxon_gp, "VMXON with IA32_FEATURE_CONTROL unlocked is #GP(0)"
+    DEFTEST t_vmxon_gp, vmxon_gp, "VMXON with CR0.NE=0, or with IA32_FEATURE_CONTROL unlocked, is #GP(0)"
     DEFTEST t_vmxon, vmxon, "VMXON succeeds (CF=ZF=0) after locking IA32_FEATURE_CONTROL"
     DEFTEST t_cr4_vmxe_pinned, cr4_vmxe_pinned, "clearing CR4.VMXE in VMX operation is #GP(0)"
     DEFTEST t_vmxon_again, vmxon_again, "VMXON in VMX root operation without a current VMCS is VMfailInvalid"
@@ -38,7 +38,7 @@
     DEFTEST t_entry_bad_host, entry_bad_host, "VM entry with HOST_CR0.NE=0 is VMfailValid(8)"
     DEFTEST t_entry_bad_guest, entry_bad_guest, "VM entry with activity state 2 fails with exit reason 0x80000021"
     DEFTEST t_l2_cpuid, l2_cpuid, "L2 CPUID exits to L1 10 times; L1's answers reach L2"
-    DEFTEST t_l2_exits, l2_exits, "L2 exits for OUT, HLT, RDMSR (bitmap), MOV from CR3, VMCALL; not for RDMSR of PAT"
+    DEFTEST t_l2_exits, l2_exits, "L2 exits for OUT, HLT, INVD, RDMSR (bitmap), MOV from CR3, VMCALL; not for RDMSR of PAT"
     DEFTEST t_l2_exception, l2_exception, "L2 #UD in the exception bitmap exits with interruption info 0x80000306"
     DEFTEST t_l2_lazy_sync, l2_lazy_sync, "VMREAD of GUEST_ES_SELECTOR after an exit sees L2's ES"
     DEFTEST t_l2_inject, l2_inject, "an external interrupt injected on VM entry runs L2's handler"
@@ -73,12 +73,17 @@ t_vmxon_ud:
     ret
 
 t_vmxon_gp:
-    mov %cr0, %rax                    /* CR0.NE: fixed to 1 in VMX operation (IA32_VMX_CR0_FIXED0) */
-    or $1 << 5, %rax
-    mov %rax, %cr0
     mov %cr4, %rax
     or $CR4_VMXE, %rax
     mov %rax, %cr4
+    mov %cr0, %rax                    /* CR0.NE: fixed to 1 in VMX operation (IA32_VMX_CR0_FIXED0) */
+    and $~(1 << 5), %rax
+    mov %rax, %cr0
+    TRY vmxon vmxon_ptr(%rip)
+    EXPECT_FAULT 13, 0
+    mov %cr0, %rax
+    or $1 << 5, %rax
+    mov %rax, %cr0
     TRY vmxon vmxon_ptr(%rip)
     EXPECT_FAULT 13, 0
     ret
@@ -251,6 +256,7 @@ t_l2_cpuid:
 l2_exits_prog:
     out %al, $0x80
     hlt
+    invd
     mov $MSR_SYSENTER_CS, %ecx
     rdmsr
     mov $MSR_PAT, %ecx
@@ -288,9 +294,10 @@ t_l2_exits:
     jmp 1b
 4:  EXPECT_EQ exit_log(%rip), $EXIT_IO
     EXPECT_EQ exit_log+8(%rip), $EXIT_HLT
-    EXPECT_EQ exit_log+16(%rip), $EXIT_RDMSR
-    EXPECT_EQ exit_log+24(%rip), $EXIT_CR
-    EXPECT_EQ exit_log+32(%rip), $EXIT_VMCALL
+    EXPECT_EQ exit_log+16(%rip), $EXIT_INVD
+    EXPECT_EQ exit_log+24(%rip), $EXIT_RDMSR
+    EXPECT_EQ exit_log+32(%rip), $EXIT_CR
+    EXPECT_EQ exit_log+40(%rip), $EXIT_VMCALL
     EXPECT_EQ io_qual(%rip), $0x00800040     /* port 0x80, 1 byte, OUT, immediate */
     EXPECT_EQ cr_qual(%rip), $0x13           /* CR3, MOV from CR, RAX */
     mov $PAT_DEFAULT, %rax

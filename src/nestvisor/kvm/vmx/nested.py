@@ -182,13 +182,13 @@ class NestedVmx:
             raise ud()   # SDM VMXON: #UD if CR4.VMXE = 0
         if not st.cr0 & CR0_PE or st.vm86 or (st.long_mode and not st.cs.l):
             raise ud()   # SDM VMXON: #UD in real mode, virtual-8086 mode and compatibility mode
-        if not self.cr0_valid(st.cr0) or not self.cr4_valid(st.cr4):
-            raise ud()   # KVM handle_vmxon: fixed CR0/CR4 bits are checked before CPL (#UD)
         if st.cpl:
             raise gp()
         if self.vmxon:
             self._fail(X.VMXERR_VMXON_IN_VMX_ROOT_OPERATION)
             return self._done(insn)
+        if not self.cr0_valid(st.cr0) or not self.cr4_valid(st.cr4):
+            raise gp()   # KVM handle_vmxon: fixed CR0/CR4 bits, after the VM-Fail above
         need = X.FEATURE_CONTROL_LOCKED | X.FEATURE_CONTROL_VMXON_OUTSIDE_SMX
         if self.v.msr_values.get("FEATURE_CONTROL", 0) & need != need:
             raise gp()   # SDM VMXON: IA32_FEATURE_CONTROL must be locked with VMXON enabled
@@ -446,7 +446,10 @@ class NestedVmx:
         self.guest_mode = True
         self.need_rare_sync = False
         self.v.switch_context(l2)
-        if v12["guest_activity_state"] == X.ACTIVITY_HLT:
+        # KVM nested_vmx_run: HLT activity halts at once unless an event is injected or an
+        # interrupt window (with IF=1) would end the halt
+        if v12["guest_activity_state"] == X.ACTIVITY_HLT and not v12["vm_entry_intr_info_field"] & X.INTR_INFO_VALID \
+                and not (cpu & X.CPU_INTR_WINDOW and st.rflags & RFLAGS_IF):
             self.v.halt_in_guest()
 
     def _inject_on_entry(self, v12: Vmcs12) -> None:
@@ -522,6 +525,8 @@ class NestedVmx:
             return ExitInfo(40, insn_len=n) if cpu & X.CPU_PAUSE_EXITING else None
         if op == Op.XSETBV:
             return ExitInfo(55, insn_len=n)
+        if op == Op.INVD:
+            return ExitInfo(13, insn_len=n)
         return None
 
     def _msr_exit(self, insn: Insn, cpu: int, write: bool) -> ExitInfo | None:
