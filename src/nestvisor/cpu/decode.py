@@ -34,6 +34,7 @@ class Op(IntEnum):
     INVD = 33
     WBINVD = 34
     STI = 35
+    MOV_SS = 36              # MOV SS / POP SS: noted for "blocking by MOV SS"
     # VMX instructions: the substrate raises #UD for them; they are decoded from the #UD
     VMCALL = 20
     VMLAUNCH = 21
@@ -176,6 +177,13 @@ def _decode(code: bytes, bits: int) -> Insn | None:
         return Insn(Op.HLT, i)
     if b == 0xFB:
         return Insn(Op.STI, i)
+    if b == 0x17 and bits != 64:
+        return Insn(Op.MOV_SS, i)
+    if b == 0x8E and (code[i] >> 3) & 7 == 2:
+        if code[i] >> 6 == 3:
+            return Insn(Op.MOV_SS, i + 1)
+        _, end = _modrm_mem(code, i, bits, asize, rex, seg)
+        return Insn(Op.MOV_SS, end)
     if b == 0x90 and rep_byte == 0xF3 and not rex & 1:
         return Insn(Op.PAUSE, i)
     if b in (0xE4, 0xE5, 0xE6, 0xE7):

@@ -13,10 +13,10 @@ import re
 # Opcodes the L0 must see and unicorn would otherwise execute natively (SDM Vol. 2):
 #   0F 30 WRMSR, 0F 32 RDMSR, 0F 31 RDTSC, 0F A2 CPUID, 0F 06 CLTS, 0F 20-23 MOV CR/DR,
 #   0F 08 INVD, 0F 09 WBINVD,
-#   0F 01 group 7 (INVLPG, LMSW, XSETBV, RDTSCP), F4 HLT, F3 90 PAUSE, FB STI,
+#   0F 01 group 7 (INVLPG, LMSW, XSETBV, RDTSCP), F4 HLT, F3 90 PAUSE, FB STI, 8E/17 MOV/POP SS,
 #   E4-E7 / EC-EF IN/OUT, 6C-6F INS/OUTS.
 # VMX and SVM instructions need no site: the CPU model has neither, so they raise #UD.
-_OPCODES = re.compile(rb"\x0f[\x30\x31\x32\xa2\x06\x08\x09\x20-\x23\x01]|[\xf4\xfb\xe4-\xe7\xec-\xef\x6c-\x6f]|\x90")
+_OPCODES = re.compile(rb"\x0f[\x30\x31\x32\xa2\x06\x08\x09\x20-\x23\x01]|[\xf4\xfb\x8e\x17\xe4-\xe7\xec-\xef\x6c-\x6f]|\x90")
 # Bytes that can precede an opcode as prefixes (legacy prefixes and REX).
 _PREFIX = frozenset(b"\x66\x67\xf2\xf3\x2e\x36\x3e\x26\x64\x65\xf0") | frozenset(range(0x40, 0x50))
 MAX_PREFIXES = 4

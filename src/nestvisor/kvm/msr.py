@@ -123,6 +123,13 @@ def _feature_control_write(v: Vcpu, value: int, host: bool) -> None:
     v.msr_values["FEATURE_CONTROL"] = value
 
 
+def _debugctl_write(v: Vcpu, value: int, host: bool) -> None:
+    # KVM vmx_set_msr: without LBR virtualization BTF and LBR are dropped silently (the
+    # register reads 0); any other bit is #GP
+    if value & ~0x3:
+        raise gp()
+
+
 def _mtrr_def_type_ok(value: int) -> bool:
     # SDM 11.11.2.1: type in bits 7:0, FE bit 10, E bit 11; the rest reserved
     return not value & ~0xCFF and (value & 0xFF) in _MTRR_TYPES
@@ -169,8 +176,7 @@ def _build_table() -> dict[int, MsrRow]:
         M.IA32_MCG_STATUS: _stored("MCG_STATUS"),
         # KVM's reset value: PEBS and BTS unavailable
         M.IA32_MISC_ENABLE: _stored("MISC_ENABLE", (1 << 11) | (1 << 12)),
-        # KVM vmx_set_msr: only BTF (bit 1) is supported without LBR virtualization
-        M.IA32_DEBUGCTL: _stored("DEBUGCTL", 0, lambda x: not x & ~0x2),
+        M.IA32_DEBUGCTL: MsrRow("DEBUGCTL", lambda v: 0, _debugctl_write),
         M.IA32_PAT: _cpu_msr(M.IA32_PAT, _pat_ok, "PAT", "pat"),
         M.EFER: MsrRow("EFER", lambda v: v.ctx.cpu_msr(M.EFER), _efer_write),
         M.STAR: _cpu_msr(M.STAR, None, "STAR", "syscall"),

@@ -213,6 +213,7 @@ class Vcpu:
         self._host_writes = -1
         self._vmcs_event: tuple[int, EventKind, int | None, int] | None = None
         self._vmx_abort = False
+        self._mov_ss_end = -1
         self.nested: NestedVmx | None = NestedVmx(self) if self._feature("vmx") else None
         self._reset(init=False)
 
@@ -598,6 +599,8 @@ class Vcpu:
                     except GuestFault as f:
                         self._queue_fault(f)
                     return True, None
+            elif nested.guest_mode:
+                return False, None   # e.g. VMMCALL on an Intel CPU: L2's #UD, which L1 may intercept
         return self._hypercall(), None
 
     def _hypercall(self) -> bool:
@@ -787,6 +790,16 @@ class Vcpu:
         # With an interrupt waiting, the window STI opens can be one instruction long
         # (sti; nop; cli): STI is then emulated outside so the event lands right after it.
         return None if self._event_waiting() and not self.ctx.rflags & RFLAGS_IF else N.NV_CONTINUE
+
+    def _mov_ss(self, insn: Insn, rip: int) -> int:
+        # The substrate keeps one interrupt-shadow flag; where a MOV SS shadow ends is noted
+        # so VM entry can tell blocking by MOV SS from blocking by STI (SDM 26.1 / 27.1)
+        self._mov_ss_end = rip + insn.length
+        return N.NV_CONTINUE
+
+    def mov_ss_blocking(self) -> bool:
+        """Blocking by MOV SS (or POP SS) holds at the current instruction."""
+        return bool(self.ctx.hflags() & HF_INHIBIT_IRQ) and self._mov_ss_end == self.ctx.rip
 
     def _pause(self, insn: Insn, rip: int) -> int:
         if self.run_until >= INFINITY:
@@ -1253,6 +1266,7 @@ _IN_HOOK = {
     Op.INVLPG: Vcpu._invlpg,
     Op.PAUSE: Vcpu._pause,
     Op.STI: Vcpu._sti,
+    Op.MOV_SS: Vcpu._mov_ss,
     Op.CLTS: Vcpu._native,
     Op.LMSW: Vcpu._native,
     Op.XSETBV: Vcpu._native,

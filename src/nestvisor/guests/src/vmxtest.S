@@ -359,6 +359,7 @@ t_l2_inject:
     call vmcs_setup
     movl $0, irq_count + VEC_INJECT * 4(%rip)
     VMWRITE_I VM_ENTRY_INTR_INFO, $0x80000000 | VEC_INJECT   /* external interrupt */
+    VMWRITE_I GUEST_RFLAGS, $0x202    /* SDM 27.3.1.4: injecting an interrupt needs IF = 1 */
     mov $1, %edi
     call vm_enter
     mov %rax, %rbx

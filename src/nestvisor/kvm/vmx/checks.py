@@ -117,7 +117,8 @@ def _controls(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int) -> None:
         _cc(kind == X.INTR_TYPE_NMI and vector != 2, "injected NMI has vector 2", src, intr_info=info)
         _cc(kind == X.INTR_TYPE_HARD_EXCEPTION and vector > 31, "injected exception vector <= 31", src, intr_info=info)
         has_ec = bool(info & X.INTR_INFO_DELIVER_CODE)
-        prot = bool(v12["guest_cr0"] & CR0_PE)   # no unrestricted guest is advertised
+        urg = bool(cpu & X.CPU_ACTIVATE_SECONDARY and sec & X.SEC_UNRESTRICTED_GUEST)
+        prot = not urg or bool(v12["guest_cr0"] & CR0_PE)
         if not prot or kind != X.INTR_TYPE_HARD_EXCEPTION:
             _cc(has_ec, "error code delivered only for a protected-mode hardware exception", src, intr_info=info)
         else:
@@ -182,6 +183,10 @@ def _guest(v12: Vmcs12, caps: VmxCaps, run_pending: bool, maxphyaddr: int,
     cr0, cr4 = v12["guest_cr0"], v12["guest_cr4"]
     _cc((cr0 & caps.cr0_fixed0) != caps.cr0_fixed0 or bool(cr0 >> 32),
         "guest_cr0 satisfies IA32_VMX_CR0_FIXED0/1", src, guest_cr0=cr0)
+    if entry & X.ENTRY_LOAD_DEBUG_CONTROLS:
+        _cc(bool(v12["guest_dr7"] >> 32), "guest_dr7 bits 63:32 are 0", src, guest_dr7=v12["guest_dr7"])
+    for name in ("guest_sysenter_esp", "guest_sysenter_eip"):
+        _cc(not canonical(v12[name]), f"{name} is canonical", src, **{name: v12[name]})
     _cc((cr4 & caps.cr4_fixed0) != caps.cr4_fixed0 or bool(cr4 & ~caps.cr4_fixed1),
         "guest_cr4 satisfies IA32_VMX_CR4_FIXED0/1", src, guest_cr4=cr4)
     _cc(bool(cr4 & CR4_CET) and not cr0 & CR0_WP, "guest CR4.CET needs CR0.WP", src, guest_cr4=cr4)
@@ -213,6 +218,112 @@ def _guest(v12: Vmcs12, caps: VmxCaps, run_pending: bool, maxphyaddr: int,
         activity=act)
     _cc(bool(v12["guest_cr3"] >> maxphyaddr), "guest_cr3 below MAXPHYADDR", "nested_vmx_load_cr3",
         guest_cr3=v12["guest_cr3"])
+    _segments(v12, ia32e)
+    _rip_rflags_and_events(v12, ia32e)
+
+
+def _g_ok(limit: int, ar: int) -> bool:
+    """SDM 27.3.1.2: G must be 0 if any of limit bits 11:0 is 0, and 1 if any of 31:20 is 1."""
+    g = bool(ar & (1 << 15))
+    return not ((limit & 0xFFF) != 0xFFF and g) and not (limit >> 20 and not g)
+
+
+def _segments(v12: Vmcs12, ia32e: bool) -> None:
+    """SDM 27.3.1.2 (no unrestricted guest, no virtual-8086 guest); the CPU performs these,
+    so a failure is a VM-entry failure exit with qualification 0."""
+    src = "SDM 27.3.1.2"
+    sel = {s: v12[f"guest_{s}_selector"] for s in ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")}
+    ar = {s: v12[f"guest_{s}_ar_bytes"] for s in sel}
+    usable = {s: not ar[s] & 0x10000 for s in sel}
+    _cc(bool(sel["tr"] & 4), "guest TR selector has TI = 0", src, selector=sel["tr"])
+    _cc(usable["ldtr"] and bool(sel["ldtr"] & 4), "guest LDTR selector has TI = 0", src, selector=sel["ldtr"])
+    _cc((sel["ss"] & 3) != (sel["cs"] & 3), "guest SS.RPL equals CS.RPL", src, ss=sel["ss"], cs=sel["cs"])
+    for s in ("tr", "fs", "gs") + (("ldtr",) if usable["ldtr"] else ()):
+        _cc(not canonical(v12[f"guest_{s}_base"]), f"guest {s.upper()} base is canonical", src,
+            base=v12[f"guest_{s}_base"])
+    for s in ("cs", "ss", "ds", "es"):
+        if s == "cs" or usable[s]:
+            _cc(bool(v12[f"guest_{s}_base"] >> 32), f"guest {s.upper()} base bits 63:32 are 0", src,
+                base=v12[f"guest_{s}_base"])
+    a = ar["cs"]
+    _cc((a & 0xF) not in (9, 11, 13, 15), "guest CS type is an accessed code segment", src, ar=a)
+    _cc(not a & 0x10, "guest CS is a code or data segment (S = 1)", src, ar=a)
+    ss_dpl = (ar["ss"] >> 5) & 3
+    if (a & 0xF) in (9, 11):
+        _cc((a >> 5) & 3 != ss_dpl, "guest non-conforming CS.DPL equals SS.DPL", src, cs_ar=a, ss_ar=ar["ss"])
+    else:
+        _cc((a >> 5) & 3 > ss_dpl, "guest conforming CS.DPL is at most SS.DPL", src, cs_ar=a, ss_ar=ar["ss"])
+    _cc(not a & 0x80, "guest CS is present", src, ar=a)
+    _cc(ia32e and bool(a & (1 << 13)) and bool(a & (1 << 14)), "guest 64-bit CS has D/B = 0", src, ar=a)
+    if usable["ss"]:
+        _cc((ar["ss"] & 0xF) not in (3, 7), "guest SS type is a read/write data segment", src, ar=ar["ss"])
+    _cc(ss_dpl != sel["ss"] & 3, "guest SS.DPL equals SS.RPL", src, ss=sel["ss"], ar=ar["ss"])
+    for s in ("es", "cs", "ss", "ds", "fs", "gs"):
+        if s != "cs" and not usable[s]:
+            continue
+        a = ar[s]
+        if s not in ("cs", "ss"):
+            _cc(not a & 1, f"guest {s.upper()} type is accessed", src, ar=a)
+            _cc(bool(a & 8) and not a & 2, f"guest {s.upper()} code segment is readable", src, ar=a)
+            _cc(not a & 0x10, f"guest {s.upper()} is a code or data segment (S = 1)", src, ar=a)
+            _cc(not a & 0x80, f"guest {s.upper()} is present", src, ar=a)
+            if (a & 0xF) < 12:
+                _cc((a >> 5) & 3 < sel[s] & 3, f"guest {s.upper()}.DPL is at least its RPL", src, ar=a, selector=sel[s])
+        _cc(bool(a & 0xF00) or bool(a >> 17), f"guest {s.upper()} access-rights reserved bits are 0", src, ar=a)
+        _cc(not _g_ok(v12[f"guest_{s}_limit"], a), f"guest {s.upper()} limit agrees with G", src,
+            limit=v12[f"guest_{s}_limit"], ar=a)
+    a = ar["tr"]
+    _cc(not usable["tr"], "guest TR is usable", src, ar=a)
+    _cc((a & 0xF) != 11 and (ia32e or (a & 0xF) != 3), "guest TR type is a busy TSS", src, ar=a)
+    _cc(bool(a & 0x10) or not a & 0x80 or bool(a & 0xF00) or bool(a >> 17) or not _g_ok(v12["guest_tr_limit"], a),
+        "guest TR is a present system segment with valid limit and reserved bits 0", src,
+        ar=a, limit=v12["guest_tr_limit"])
+    if usable["ldtr"]:
+        a = ar["ldtr"]
+        _cc((a & 0xF) != 2 or bool(a & 0x10) or not a & 0x80 or bool(a & 0xF00) or bool(a >> 17)
+            or not _g_ok(v12["guest_ldtr_limit"], a),
+            "guest LDTR is a present LDT with valid limit and reserved bits 0", src, ar=a)
+    for t in ("gdtr", "idtr"):
+        _cc(not canonical(v12[f"guest_{t}_base"]), f"guest {t.upper()} base is canonical", "SDM 27.3.1.3",
+            base=v12[f"guest_{t}_base"])
+        _cc(bool(v12[f"guest_{t}_limit"] >> 16), f"guest {t.upper()} limit bits 31:16 are 0", "SDM 27.3.1.3",
+            limit=v12[f"guest_{t}_limit"])
+
+
+def _rip_rflags_and_events(v12: Vmcs12, ia32e: bool) -> None:
+    """SDM 27.3.1.4 and 27.3.1.5."""
+    rip, rflags = v12["guest_rip"], v12["guest_rflags"]
+    long_cs = ia32e and bool(v12["guest_cs_ar_bytes"] & (1 << 13))
+    if long_cs:
+        _cc(not canonical(rip), "guest RIP is canonical", "SDM 27.3.1.4", rip=rip)
+    else:
+        _cc(bool(rip >> 32), "guest RIP bits 63:32 are 0 outside 64-bit mode", "SDM 27.3.1.4", rip=rip)
+    _cc(bool(rflags & ~0x3F7FD7) or not rflags & 2, "guest RFLAGS reserved bits are as defined", "SDM 27.3.1.4",
+        rflags=rflags)
+    _cc((ia32e or not v12["guest_cr0"] & CR0_PE) and bool(rflags & (1 << 17)),
+        "guest RFLAGS.VM is 0 in IA-32e mode and real mode", "SDM 27.3.1.4", rflags=rflags)
+    info = v12["vm_entry_intr_info_field"]
+    injecting = bool(info & X.INTR_INFO_VALID)
+    kind = info & 0x700
+    if injecting and kind == X.INTR_TYPE_EXT_INTR:
+        _cc(not rflags & (1 << 9), "guest RFLAGS.IF is 1 when injecting an external interrupt", "SDM 27.3.1.4",
+            rflags=rflags)
+    src = "SDM 27.3.1.5"
+    intr = v12["guest_interruptibility_info"]
+    if v12["guest_activity_state"] == X.ACTIVITY_HLT:
+        _cc(bool(v12["guest_ss_ar_bytes"] & 0x60), "guest in HLT activity has SS.DPL = 0", src,
+            ss_ar=v12["guest_ss_ar_bytes"])
+    _cc(bool(intr >> 5), "guest interruptibility reserved bits 31:5 are 0", src, intr=intr)
+    _cc(intr & 3 == 3, "guest blocking by STI and by MOV SS are not both set", src, intr=intr)
+    _cc(not rflags & (1 << 9) and bool(intr & X.GUEST_INTR_STATE_STI),
+        "guest blocking by STI needs RFLAGS.IF = 1", src, intr=intr, rflags=rflags)
+    if injecting and kind in (X.INTR_TYPE_EXT_INTR, X.INTR_TYPE_NMI):
+        _cc(bool(intr & 3), "no STI/MOV SS blocking when injecting an interrupt or NMI", src, intr=intr)
+    _cc(bool(intr & X.GUEST_INTR_STATE_SMI), "guest blocking by SMI is 0 outside SMM", src, intr=intr)
+    if injecting and kind == X.INTR_TYPE_NMI:
+        _cc(bool(intr & X.GUEST_INTR_STATE_NMI), "no NMI blocking when injecting an NMI", src, intr=intr)
+    pend = v12["guest_pending_dbg_exceptions"]
+    _cc(bool(pend & ~0x1500F), "guest pending debug exceptions reserved bits are 0", src, pending=pend)
 
 
 def check_controls(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int) -> CheckFailure | None:

@@ -365,6 +365,9 @@ class NestedVmx:
         if v12 is None:
             self._fail_invalid()
             return self._done(insn)
+        if self.v.mov_ss_blocking():
+            self._fail(X.VMXERR_ENTRY_EVENTS_BLOCKED_BY_MOV_SS)   # SDM 27.1
+            return self._done(insn)
         if v12.launch_state == launch:
             self._fail(X.VMXERR_VMLAUNCH_NONCLEAR_VMCS if launch else X.VMXERR_VMRESUME_NONLAUNCHED_VMCS)
             return self._done(insn)
@@ -503,8 +506,13 @@ class NestedVmx:
             return ExitInfo(10, insn_len=n)
         if op == Op.HLT:
             return ExitInfo(12, insn_len=n) if cpu & X.CPU_HLT_EXITING else None
+        sec = v12["secondary_vm_exec_control"] if cpu & X.CPU_ACTIVATE_SECONDARY else 0
+        if op == Op.RDTSCP and not sec & X.SEC_RDTSCP:
+            raise ud()   # SDM 26.1.1: RDTSCP is #UD unless "enable RDTSCP" is 1
         if op in (Op.RDTSC, Op.RDTSCP):
             return ExitInfo(16 if op == Op.RDTSC else 51, insn_len=n) if cpu & X.CPU_RDTSC_EXITING else None
+        if op == Op.WBINVD:
+            return ExitInfo(54, insn_len=n) if sec & X.SEC_WBINVD_EXITING else None
         if op in (Op.RDMSR, Op.WRMSR):
             return self._msr_exit(insn, cpu, op == Op.WRMSR)
         if op in (Op.IN, Op.OUT, Op.INS, Op.OUTS):
