@@ -379,9 +379,10 @@ class ExecContext:
             self.ctx.restore()
 
     def step(self) -> Stop:
-        """Execute exactly one instruction (unicorn's count mode; rare paths only, since
-        leaving count mode later flushes unicorn's translations)."""
+        """Execute exactly one instruction (unicorn's count mode; rare paths only). Count mode
+        only stops in blocks translated while it is on, so the translations go first."""
         self._enter(TOP)
+        N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
         self._no_exception_in_flight()
         err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, 1)
         self.retired = 1

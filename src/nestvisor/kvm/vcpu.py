@@ -376,6 +376,11 @@ class Vcpu:
             return ex
         if self.mp_state != U.KVM_MP_STATE_RUNNABLE:
             return None
+        nested = self.nested
+        if nested is not None and nested.guest_mode and nested.intr_window_exiting() \
+                and self.ctx.rflags & RFLAGS_IF and self.ctx.hflags() & HF_INHIBIT_IRQ:
+            # SDM 26.7.5: the window opens after the one instruction the STI/MOV SS shadow covers
+            return self._step_one()
         limit = self.run_until
         deadline = self.next_deadline()
         if deadline is not None and deadline < limit:
@@ -433,7 +438,11 @@ class Vcpu:
             self._vmcs_event = None
             if kind == EventKind.NMI:
                 self.ctx.patch_hflags(set2=HF2_NMI)
-            return self._deliver(vector, kind, ec, n)
+            ex = self._deliver(vector, kind, ec, n)
+            nested = self.nested
+            if ex is None and nested is not None and nested.guest_mode:
+                self._nested_events(nested)   # e.g. an interrupt window open at the handler
+            return ex
         nested = self.nested
         if nested is not None and nested.guest_mode and self._nested_events(nested):
             return None
@@ -787,9 +796,14 @@ class Vcpu:
         return N.NV_CONTINUE
 
     def _sti(self, insn: Insn, rip: int) -> int | None:
-        # With an interrupt waiting, the window STI opens can be one instruction long
-        # (sti; nop; cli): STI is then emulated outside so the event lands right after it.
-        return None if self._event_waiting() and not self.ctx.rflags & RFLAGS_IF else N.NV_CONTINUE
+        # With an interrupt waiting (or L1 asking for interrupt-window exits), the window STI
+        # opens can be one instruction long (sti; nop; cli): STI is then emulated outside so
+        # the event lands right after it.
+        if self.ctx.rflags & RFLAGS_IF:
+            return N.NV_CONTINUE   # no shadow: STI sets the shadow only when IF was 0
+        nested = self.nested
+        window = nested is not None and nested.guest_mode and nested.intr_window_exiting()
+        return None if window or self._interrupt_pending() else N.NV_CONTINUE
 
     def _mov_ss(self, insn: Insn, rip: int) -> int:
         # The substrate keeps one interrupt-shadow flag; where a MOV SS shadow ends is noted
@@ -837,6 +851,14 @@ class Vcpu:
             return None
         return Exit(U.KVM_EXIT_INTERNAL_ERROR, internal=InternalError(U.KVM_INTERNAL_ERROR_EMULATION, f"no emulation for {op.name}"))
 
+    def _step_one(self) -> Exit | None:
+        """Run exactly one instruction; the interrupt shadow ends with it."""
+        stop = self.ctx.step()
+        self.clock += self.ctx.retired
+        if self.ctx.hflags() & HF_INHIBIT_IRQ:
+            self.ctx.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
+        return self._handle_stop(stop)
+
     def _emulate_sti(self, insn: Insn) -> Exit | None:
         """SDM STI: IF = 1 with blocking by STI for one instruction; that instruction runs
         here, so a waiting interrupt is taken right after it."""
@@ -846,11 +868,7 @@ class Vcpu:
         self.ctx.rflags = st_flags | RFLAGS_IF
         self.ctx.rip = self.ctx.rip + insn.length
         self.ctx.patch_hflags(set_mask=HF_INHIBIT_IRQ)
-        stop = self.ctx.step()
-        self.clock += self.ctx.retired
-        if self.ctx.hflags() & HF_INHIBIT_IRQ:
-            self.ctx.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
-        return self._handle_stop(stop)
+        return self._step_one()
 
     def _cr_operand(self, insn: Insn) -> int:
         value = self.ctx.gpr(insn.reg)
