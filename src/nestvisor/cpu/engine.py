@@ -37,6 +37,7 @@ DREGS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3,
          X.UC_X86_REG_DR6, X.UC_X86_REG_DR7)
 _CRS = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3, 4: X.UC_X86_REG_CR4, 8: X.UC_X86_REG_CR8}
 TOP = 0xFFFFFFFFFFFFFFFF
+SCAN_CACHE_PAGES = 1024
 
 
 class Stop(IntEnum):
@@ -133,6 +134,9 @@ class ExecContext:
         # scanned code: physical page -> (snapshot of its bytes, linear pages that map it)
         self._scanned: dict[int, tuple[bytes, set[int]]] = {}
         self._decoded: dict[tuple[int, int], Insn | None] = {}
+        # Scan results by page content: a TLB flush (every VM entry of L2, every CR3 write)
+        # makes pages be visited again, and their bytes have usually not changed.
+        self._scan_cache: dict[bytes, list[int]] = {}
         self._site_hooks: set[int] = set()     # linear addresses with a site hook (never removed)
         self._error: BaseException | None = None
         self.exception: RaisedException | None = None
@@ -423,7 +427,14 @@ class ExecContext:
             tail = b""
         added = 0
         hh = ctypes.c_size_t()
-        for offset in scan(code + tail):
+        # the longest opcode pattern is two bytes, so one byte of the next page decides the scan
+        window = code + tail[:1]
+        offsets = self._scan_cache.get(window)
+        if offsets is None:
+            if len(self._scan_cache) >= SCAN_CACHE_PAGES:
+                self._scan_cache.clear()
+            offsets = self._scan_cache[window] = scan(window)
+        for offset in offsets:
             addr = page + offset
             if addr not in self._site_hooks:
                 if N.hook_add_raw(self.h, ctypes.byref(hh), N.UC_HOOK_CODE, N.SITE_HOOK, self._tp, addr, addr):
