@@ -87,6 +87,7 @@
 
 /* Controls (SDM 25.6-25.8) */
 .set PIN_EXT_INTR, 1 << 0
+.set CPU_INTR_WINDOW, 1 << 2
 .set CPU_HLT, 1 << 7
 .set CPU_CR3_STORE, 1 << 16
 .set CPU_UNCOND_IO, 1 << 24
@@ -99,6 +100,7 @@
 .set EXIT_EXTINT, 1
 .set EXIT_TRIPLE_FAULT, 2
 .set EXIT_CPUID, 10
+.set EXIT_INTR_WINDOW, 7
 .set EXIT_HLT, 12
 .set EXIT_INVD, 13
 .set EXIT_VMCALL, 18

@@ -43,6 +43,7 @@
     DEFTEST t_l2_lazy_sync, l2_lazy_sync, "VMREAD of GUEST_ES_SELECTOR after an exit sees L2's ES"
     DEFTEST t_l2_inject, l2_inject, "an external interrupt injected on VM entry runs L2's handler"
     DEFTEST t_l2_extint, l2_extint, "external-interrupt exiting with acknowledge-on-exit reports the vector"
+    DEFTEST t_l2_intr_window, l2_intr_window, "interrupt-window exit right after the STI shadow (sti; nop; vmcall)"
     DEFTEST t_l2_triple_fault, l2_triple_fault, "a triple fault in L2 exits to L1 (reason 2)"
     DEFTEST t_vmxoff, vmxoff, "VMXOFF leaves VMX operation; VMREAD is then #UD"
     TESTS_END
@@ -393,6 +394,28 @@ t_l2_extint:
     mov $APIC_EOI, %edi                       /* acknowledged on exit: L1 ends it */
     xor %esi, %esi
     call apic_write
+    ret
+
+l2_sti_window:
+    sti
+    nop
+l2_after_window:
+    vmcall
+    ud2
+
+t_l2_intr_window:
+    lea l2_sti_window(%rip), %rdi
+    call vmcs_setup                   /* RFLAGS.IF = 0: no window until the STI shadow ends */
+    VMREAD_R CPU_BASED_CONTROLS, %rbx
+    or $CPU_INTR_WINDOW, %rbx
+    VMWRITE_I CPU_BASED_CONTROLS, %rbx
+    mov $1, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_INTR_WINDOW
+    VMREAD_R GUEST_RIP, %rbx
+    lea l2_after_window(%rip), %rax
+    EXPECT_EQ %rbx, %rax
     ret
 
 l2_no_idt:
