@@ -24,7 +24,7 @@ from . import native as N
 from .decode import Insn, decode
 from .faults import PageFault
 from .paging import translate
-from .sites import scan
+from .sites import rescan, scan
 from .state import ArchState
 
 GPRS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX,
@@ -137,6 +137,7 @@ class ExecContext:
         # Scan results by page content: a TLB flush (every VM entry of L2, every CR3 write)
         # makes pages be visited again, and their bytes have usually not changed.
         self._scan_cache: dict[bytes, list[int]] = {}
+        self._last_scan: dict[int, tuple[bytes, list[int]]] = {}   # physical page -> last scan
         self._site_hooks: set[int] = set()     # linear addresses with a site hook (never removed)
         self._error: BaseException | None = None
         self.exception: RaisedException | None = None
@@ -433,7 +434,10 @@ class ExecContext:
         if offsets is None:
             if len(self._scan_cache) >= SCAN_CACHE_PAGES:
                 self._scan_cache.clear()
-            offsets = self._scan_cache[window] = scan(window)
+            last = self._last_scan.get(pa >> 12)
+            offsets = scan(window) if last is None else rescan(last[0], last[1], window)
+            self._scan_cache[window] = offsets
+        self._last_scan[pa >> 12] = (window, offsets)
         for offset in offsets:
             addr = page + offset
             if addr not in self._site_hooks:

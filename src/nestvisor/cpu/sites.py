@@ -12,11 +12,12 @@ import re
 
 # Opcodes the L0 must see and unicorn would otherwise execute natively (SDM Vol. 2):
 #   0F 30 WRMSR, 0F 32 RDMSR, 0F 31 RDTSC, 0F A2 CPUID, 0F 06 CLTS, 0F 20-23 MOV CR/DR,
-#   0F 08 INVD, 0F 09 WBINVD,
+#   0F 08 INVD, 0F 09 WBINVD, 0F 78/79 VMREAD/VMWRITE,
 #   0F 01 group 7 (INVLPG, LMSW, XSETBV, RDTSCP), F4 HLT, F3 90 PAUSE, FB STI, 8E/17 MOV/POP SS,
 #   E4-E7 / EC-EF IN/OUT, 6C-6F INS/OUTS.
-# VMX and SVM instructions need no site: the CPU model has neither, so they raise #UD.
-_OPCODES = re.compile(rb"\x0f[\x30\x31\x32\xa2\x06\x08\x09\x20-\x23\x01]|[\xf4\xfb\x8e\x17\xe4-\xe7\xec-\xef\x6c-\x6f]|\x90")
+# The other VMX and the SVM instructions need no site: the CPU model has neither, so they
+# raise #UD; VMREAD/VMWRITE and the 0F 01 group get sites because they are frequent.
+_OPCODES = re.compile(rb"\x0f[\x30\x31\x32\xa2\x06\x08\x09\x78\x79\x20-\x23\x01]|[\xf4\xfb\x8e\x17\xe4-\xe7\xec-\xef\x6c-\x6f]|\x90")
 # Bytes that can precede an opcode as prefixes (legacy prefixes and REX).
 _PREFIX = frozenset(b"\x66\x67\xf2\xf3\x2e\x36\x3e\x26\x64\x65\xf0") | frozenset(range(0x40, 0x50))
 MAX_PREFIXES = 4
@@ -41,3 +42,28 @@ def scan(code: bytes) -> list[int]:
                 break
             k -= 1
     return sorted(sites)
+
+
+# A site at offset k depends on bytes k .. k + SITE_SPAN - 1 (prefixes, opcode, its second byte).
+SITE_SPAN = MAX_PREFIXES + 2
+
+
+def rescan(old: bytes, old_sites: list[int], new: bytes) -> list[int]:
+    """scan(new), given scan(old) == old_sites: only the sites whose bytes changed are
+    looked for again (a page of code next to data that changes is visited often).
+
+    >>> code = bytes(4096)
+    >>> new = code[:100] + b"\\x0f\\xa2" + code[102:]
+    >>> rescan(code, scan(code), new) == scan(new) == [100]
+    True
+    """
+    if len(old) != len(new):
+        return scan(new)
+    diff = (int.from_bytes(old, "little") ^ int.from_bytes(new, "little")).to_bytes(len(new), "little")
+    hi = len(diff.rstrip(b"\0"))
+    if hi == 0:
+        return old_sites
+    lo = len(diff) - len(diff.lstrip(b"\0"))
+    a = max(0, lo - SITE_SPAN + 1)
+    fresh = [a + o for o in scan(new[a:hi + SITE_SPAN]) if a + o < min(hi, 4096)]
+    return sorted([o for o in old_sites if o < a or o >= hi] + fresh)

@@ -631,7 +631,7 @@ class Vcpu:
     def on_trap(self, insn: Insn, rip: int) -> int:
         """Called from the trap hook, inside emulation, at a trapped instruction."""
         if insn.op in VMX_OPS:
-            return N.NV_CONTINUE   # the substrate raises #UD for it: see _ud_instruction
+            return self._vmx_trap(insn)
         nested = self.nested
         if nested is not None and nested.guest_mode:
             try:
@@ -654,6 +654,25 @@ class Vcpu:
         except GuestFault as f:
             self._queue_fault(f)
             return N.NV_STOP_BEFORE
+
+    def _vmx_trap(self, insn: Insn) -> int:
+        """A VMX instruction at a trap site (VMREAD, VMWRITE and the 0F 01 group; the others
+        arrive as #UD, see _ud_instruction)."""
+        nested = self.nested
+        if nested is None or (insn.op == Op.VMCALL and not nested.guest_mode):
+            return N.NV_CONTINUE   # #UD, or a hypercall: the substrate raises #UD for both
+        if nested.guest_mode:
+            nested.pending = nested.insn_exit(insn)
+            return N.NV_STOP_BEFORE
+        if insn.op in _VMX_IN_HOOK:
+            try:
+                nested.emulate(insn)   # touches vmcs12 and GPRs only: safe inside the run
+            except GuestFault as f:
+                self._queue_fault(f)
+                return N.NV_STOP_BEFORE
+            return N.NV_HANDLED
+        self._outside = insn
+        return N.NV_STOP_BEFORE
 
     def _cpl(self) -> int:
         return self.ctx.hflags() & 3
@@ -837,6 +856,9 @@ class Vcpu:
             return self._pio(insn)
         if op == Op.STI:
             return self._emulate_sti(insn)
+        if op in VMX_OPS and self.nested is not None:
+            self.nested.emulate(insn)
+            return None
         if op == Op.MOV_TO_CR:
             self._set_cr(insn.crn, self._cr_operand(insn))
             self.ctx.rip = self.ctx.rip + insn.length
@@ -1262,6 +1284,9 @@ _RAX_RCX = (GPRS[0], GPRS[1])
 _RCX_RAX_RDX = (GPRS[1], GPRS[0], GPRS[2])
 _RAX_RDX = (GPRS[0], GPRS[2])
 _RAX_RBX_RCX_RDX = (GPRS[0], GPRS[3], GPRS[1], GPRS[2])
+
+# VMX instructions emulated inside the run (no context switch, no guest-physical writes)
+_VMX_IN_HOOK = frozenset((Op.VMREAD, Op.VMWRITE))
 
 # VM-entry interruption types (SDM 25.8.3) as delivery kinds
 _VMCS_EVENT_KIND = {0: EventKind.EXTERNAL_INTERRUPT, 2: EventKind.NMI, 3: EventKind.HARDWARE_EXCEPTION,

@@ -9,14 +9,13 @@ kvm_nested_vmenter_failed trace event.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ...arch import vmx as X
 from ...arch.vmcs import VMCS12_REVISION
 from ..msr import canonical
 from .caps import VmxCaps
-from .vmcs12 import Vmcs12
 
 _PAT_TYPES = frozenset((0, 1, 4, 5, 6, 7))
 CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
@@ -63,7 +62,7 @@ def _pat_valid(value: int) -> bool:
     return all((value >> (8 * i)) & 0xFF in _PAT_TYPES for i in range(8))
 
 
-def _msr_list(v12: Vmcs12, count: str, addr: str, caps: VmxCaps, maxphyaddr: int, src: str) -> None:
+def _msr_list(v12: Mapping[str, int], count: str, addr: str, caps: VmxCaps, maxphyaddr: int, src: str) -> None:
     n, a = v12[count], v12[addr]
     if n == 0:
         return
@@ -73,7 +72,7 @@ def _msr_list(v12: Vmcs12, count: str, addr: str, caps: VmxCaps, maxphyaddr: int
         f"{addr} 16-byte aligned and the list below MAXPHYADDR", src, addr=a, count=n)
 
 
-def _controls(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int) -> None:
+def _controls(v12: Mapping[str, int], caps: VmxCaps, maxphyaddr: int) -> None:
     src = "nested_check_vm_execution_controls"
     pin, cpu = v12["pin_based_vm_exec_control"], v12["cpu_based_vm_exec_control"]
     _cc(not caps.true_pin.allows(pin), "pin-based controls allowed by IA32_VMX_TRUE_PINBASED_CTLS", src,
@@ -134,7 +133,7 @@ def _controls(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int) -> None:
     _msr_list(v12, "vm_entry_msr_load_count", "vm_entry_msr_load_addr", caps, maxphyaddr, src)
 
 
-def _host(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int, l1_lma: bool) -> None:
+def _host(v12: Mapping[str, int], caps: VmxCaps, maxphyaddr: int, l1_lma: bool) -> None:
     exit_ctl = v12["vm_exit_controls"]
     ia32e = bool(exit_ctl & X.EXIT_HOST_ADDR_SPACE_SIZE)
     _cc(ia32e != l1_lma, "host address-space size equals the current EFER.LMA",
@@ -175,7 +174,7 @@ def _host(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int, l1_lma: bool) -> None:
             "host EFER.LMA and EFER.LME equal the host address-space size", src, host_ia32_efer=efer)
 
 
-def _guest(v12: Vmcs12, caps: VmxCaps, run_pending: bool, maxphyaddr: int,
+def _guest(v12: Mapping[str, int], caps: VmxCaps, run_pending: bool, maxphyaddr: int,
            read_u32: Callable[[int], int | None]) -> None:
     src = "nested_vmx_check_guest_state"
     entry = v12["vm_entry_controls"]
@@ -228,7 +227,7 @@ def _g_ok(limit: int, ar: int) -> bool:
     return not ((limit & 0xFFF) != 0xFFF and g) and not (limit >> 20 and not g)
 
 
-def _segments(v12: Vmcs12, ia32e: bool) -> None:
+def _segments(v12: Mapping[str, int], ia32e: bool) -> None:
     """SDM 27.3.1.2 (no unrestricted guest, no virtual-8086 guest); the CPU performs these,
     so a failure is a VM-entry failure exit with qualification 0."""
     src = "SDM 27.3.1.2"
@@ -290,7 +289,7 @@ def _segments(v12: Vmcs12, ia32e: bool) -> None:
             limit=v12[f"guest_{t}_limit"])
 
 
-def _rip_rflags_and_events(v12: Vmcs12, ia32e: bool) -> None:
+def _rip_rflags_and_events(v12: Mapping[str, int], ia32e: bool) -> None:
     """SDM 27.3.1.4 and 27.3.1.5."""
     rip, rflags = v12["guest_rip"], v12["guest_rflags"]
     long_cs = ia32e and bool(v12["guest_cs_ar_bytes"] & (1 << 13))
@@ -326,17 +325,17 @@ def _rip_rflags_and_events(v12: Vmcs12, ia32e: bool) -> None:
     _cc(bool(pend & ~0x1500F), "guest pending debug exceptions reserved bits are 0", src, pending=pend)
 
 
-def check_controls(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int) -> CheckFailure | None:
+def check_controls(v12: Mapping[str, int], caps: VmxCaps, maxphyaddr: int) -> CheckFailure | None:
     """Failure means VMfailValid(7)."""
     return _run(_controls, v12, caps, maxphyaddr)
 
 
-def check_host_state(v12: Vmcs12, caps: VmxCaps, maxphyaddr: int, l1_lma: bool) -> CheckFailure | None:
+def check_host_state(v12: Mapping[str, int], caps: VmxCaps, maxphyaddr: int, l1_lma: bool) -> CheckFailure | None:
     """Failure means VMfailValid(8)."""
     return _run(_host, v12, caps, maxphyaddr, l1_lma)
 
 
-def check_guest_state(v12: Vmcs12, caps: VmxCaps, run_pending: bool, maxphyaddr: int,
+def check_guest_state(v12: Mapping[str, int], caps: VmxCaps, run_pending: bool, maxphyaddr: int,
                       read_u32: Callable[[int], int | None]) -> tuple[CheckFailure, int] | None:
     """Failure means a VM-entry failure exit (reason 33) with the returned qualification;
     `read_u32` reads guest-physical memory (None where nothing backs it)."""

@@ -371,15 +371,16 @@ class NestedVmx:
         if v12.launch_state == launch:
             self._fail(X.VMXERR_VMLAUNCH_NONCLEAR_VMCS if launch else X.VMXERR_VMRESUME_NONLAUNCHED_VMCS)
             return self._done(insn)
-        failure = check_controls(v12, self.caps, self.maxphyaddr)
+        snap = v12.fields()
+        failure = check_controls(snap, self.caps, self.maxphyaddr)
         if failure is not None:
             return self._entry_vmfail(insn, failure, X.VMXERR_ENTRY_INVALID_CONTROL_FIELD)
         l1_lma = bool(self.v.ctx.cpu_msr(M.EFER) & EFER_LMA)
-        failure = check_host_state(v12, self.caps, self.maxphyaddr, l1_lma)
+        failure = check_host_state(snap, self.caps, self.maxphyaddr, l1_lma)
         if failure is not None:
             return self._entry_vmfail(insn, failure, X.VMXERR_ENTRY_INVALID_HOST_STATE_FIELD)
         self._done(insn)
-        failed = check_guest_state(v12, self.caps, True, self.maxphyaddr, self._read_guest_u32)
+        failed = check_guest_state(snap, self.caps, True, self.maxphyaddr, self._read_guest_u32)
         if failed is not None:
             fc, qual = failed
             self._trace("kvm_nested_vmenter_failed", check=fc.name, source=fc.source, values=fc.values)
@@ -387,7 +388,7 @@ class NestedVmx:
             return self._failed_entry_exit(X.EXIT["INVALID_STATE"], qual)
         self._trace("kvm_nested_vmenter", rip=v12["guest_rip"], vmcs=self.current_vmptr,
                     exit_qual=v12["exit_qualification"], launch=launch)
-        self.enter_guest_mode()
+        self.enter_guest_mode(snap)
         index = self._load_msr_list(v12["vm_entry_msr_load_addr"], v12["vm_entry_msr_load_count"])
         if index:
             return self._failed_entry_exit(X.EXIT["MSR_LOAD_FAIL"], index)
@@ -400,10 +401,9 @@ class NestedVmx:
         self._fail(error)
         self._done(insn)
 
-    def enter_guest_mode(self) -> None:
-        """KVM prepare_vmcs02 + enter_guest_mode: load vmcs12's guest state into the L2 context."""
-        v12 = self.vmcs12
-        assert v12 is not None
+    def enter_guest_mode(self, v12: dict[str, int]) -> None:
+        """KVM prepare_vmcs02 + enter_guest_mode: load vmcs12's guest state (`v12`, a snapshot
+        of the current vmcs12) into the L2 context."""
         l1 = self.v.ctx
         if self.ctx02 is None:
             self.ctx02 = self.v.new_context()

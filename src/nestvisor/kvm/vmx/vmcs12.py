@@ -10,6 +10,21 @@ _FMT = {2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 _U32 = _FMT[4]
 
 
+def _all_fields() -> tuple[struct.Struct, tuple[str, ...]]:
+    """One struct for every field, with the padding between them: a snapshot is one unpack."""
+    fmt, names, at = "<", [], 0
+    for f in sorted(V.FIELDS, key=lambda f: f.offset):
+        if f.offset > at:
+            fmt += f"{f.offset - at}x"
+        fmt += {2: "H", 4: "I", 8: "Q"}[f.size]
+        names.append(f.name)
+        at = f.offset + f.size
+    return struct.Struct(fmt), tuple(names)
+
+
+_ALL, _NAMES = _all_fields()
+
+
 class Vmcs12:
     """The cached vmcs12 (KVM's cached_vmcs12): fields by name or by `arch.vmcs.Field`."""
 
@@ -47,4 +62,5 @@ class Vmcs12:
         self.write(V.BY_NAME[name], value)
 
     def fields(self) -> dict[str, int]:
-        return {f.name: self.read(f) for f in V.FIELDS}
+        """Every field by name, read at once (the entry checks and vmcs02 set-up use this)."""
+        return dict(zip(_NAMES, _ALL.unpack_from(self.data, 0), strict=True))
