@@ -387,9 +387,14 @@ class ExecContext:
         """Execute exactly one instruction (unicorn's count mode; rare paths only). Count mode
         only stops in blocks translated while it is on, so the translations go first."""
         self._enter(TOP)
-        N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
-        self._no_exception_in_flight()
-        err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, 1)
+        t = self.trap
+        while True:
+            N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
+            self._no_exception_in_flight()
+            err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, 1)
+            if t.stop_reason != N.NV_STOP_RETRY or self._error is not None:
+                break
+            t.stop_reason = N.NV_STOP_NONE   # the page brought new sites: run it again
         self.retired = 1
         return self._stopped(err, Stop.BUDGET)
 

@@ -554,13 +554,15 @@ class Vcpu:
             if insn is None:
                 return None
             self.stats[insn.op.name] += 1
+            ctx = self.ctx
             try:
                 ex = self._emulate_outside(insn)
             except GuestFault as f:
                 self._queue_fault(f)
                 return None
-            # the emulated instruction retired, which ends an STI/MOV SS shadow (SDM 6.8.3)
-            if insn.op != Op.STI and self.ctx.hflags() & HF_INHIBIT_IRQ:
+            # the emulated instruction retired, which ends an STI/MOV SS shadow (SDM 6.8.3);
+            # a VM entry or exit loaded a new shadow state into another context
+            if insn.op != Op.STI and self.ctx is ctx and self.ctx.hflags() & HF_INHIBIT_IRQ:
                 self.ctx.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
             return ex
         if stop == Stop.EXCEPTION:
@@ -583,12 +585,23 @@ class Vcpu:
             self.pending_exception = (e.vector, e.error_code)
             self.exception_payload = e.cr2
             return None
-        rip = self.ctx.rip
-        code = self.ctx.read_code(rip, 1)
-        op = code[0] if code else 0xCD
+        # The substrate leaves RIP after the instruction: INT3 (CC), INTO (CE) and INT1 (F1) are
+        # one byte and raise vectors 3, 4 and 1; anything else is INT n (CD ib, two bytes).
+        last = self.ctx.read_code(e.next_rip - 1, 1)
+        op = last[0] if last and _ONE_BYTE_INT.get(last[0]) == e.vector else 0xCD
+        rip = e.next_rip - (1 if op != 0xCD else 2)
+        self.ctx.rip = rip
         # SDM 6.4.2 / INT n pseudocode: INT3 and INTO are software exceptions, INT1 privileged
         kind = {0xCC: EventKind.SOFTWARE_EXCEPTION, 0xCE: EventKind.SOFTWARE_EXCEPTION,
                 0xF1: EventKind.PRIVILEGED_SOFTWARE_EXCEPTION}.get(op, EventKind.SOFTWARE_INTERRUPT)
+        nested = self.nested
+        if nested is not None and nested.guest_mode and kind != EventKind.SOFTWARE_INTERRUPT:
+            # SDM 25.2: INT3, INTO and INT1 are exceptions for the exception bitmap (INT n is not)
+            exit_info = nested.exception_exit(e.vector, None, None, privileged=op == 0xF1)
+            if exit_info is not None:
+                exit_info.insn_len = max(0, e.next_rip - rip)
+                nested.vmexit(exit_info)
+                return None
         return self._deliver(e.vector, kind, None, max(0, e.next_rip - rip))
 
     def _ud_instruction(self) -> tuple[bool, Exit | None]:
@@ -1284,6 +1297,9 @@ _RAX_RCX = (GPRS[0], GPRS[1])
 _RCX_RAX_RDX = (GPRS[1], GPRS[0], GPRS[2])
 _RAX_RDX = (GPRS[0], GPRS[2])
 _RAX_RBX_RCX_RDX = (GPRS[0], GPRS[3], GPRS[1], GPRS[2])
+
+# one-byte software exceptions and their vectors: INT3, INTO, INT1
+_ONE_BYTE_INT = {0xCC: 3, 0xCE: 4, 0xF1: 1}
 
 # VMX instructions emulated inside the run (no context switch, no guest-physical writes)
 _VMX_IN_HOOK = frozenset((Op.VMREAD, Op.VMWRITE))

@@ -344,3 +344,21 @@ def check_guest_state(v12: Mapping[str, int], caps: VmxCaps, run_pending: bool, 
         return None
     qual = X.ENTRY_FAIL_VMCS_LINK_PTR if f.name.startswith("VMCS link pointer") else X.ENTRY_FAIL_DEFAULT
     return f, qual
+
+
+def check_pdptes(v12: Mapping[str, int], maxphyaddr: int,
+                 read_u64: Callable[[int], int | None]) -> CheckFailure | None:
+    """KVM nested_vmx_load_cr3 -> load_pdptrs: with PAE paging (not IA-32e), each present
+    PDPTE read through guest CR3 has no reserved bit set (SDM 4.4.1). Failure: a VM-entry
+    failure exit with qualification ENTRY_FAIL_PDPTE."""
+    cr0, cr4 = v12["guest_cr0"], v12["guest_cr4"]
+    if not cr0 & CR0_PG or not cr4 & CR4_PAE or v12["vm_entry_controls"] & X.ENTRY_IA32E_MODE:
+        return None
+    reserved = (((1 << 64) - 1) >> maxphyaddr << maxphyaddr) | 0x1E6   # 63:MAXPHYADDR, 8:5, 2:1
+    base = v12["guest_cr3"] & 0xFFFFFFE0
+    for i in range(4):
+        pdpte = read_u64(base + 8 * i)
+        if pdpte is None or (pdpte & 1 and pdpte & reserved):
+            return CheckFailure("guest PDPTEs have no reserved bits set (PAE paging)", "load_pdptrs",
+                                {"index": i, "pdpte": pdpte or 0})
+    return None

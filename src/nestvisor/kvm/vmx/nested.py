@@ -29,6 +29,7 @@ from .checks import (
     check_controls,
     check_guest_state,
     check_host_state,
+    check_pdptes,
     page_address_valid,
 )
 from .vmcs12 import Vmcs12
@@ -154,6 +155,12 @@ class NestedVmx:
         """The 64-bit VMCS pointer operand (KVM nested_vmx_get_vmptr); faults propagate."""
         st = self.v.ctx.get_state()
         return self.v.linear(st).read_u64(self._operand_address(insn, st))
+
+    def _read_guest_u64(self, gpa: int) -> int | None:
+        try:
+            return int.from_bytes(self.v.vm.phys.read(gpa, 8), "little")
+        except (ValueError, KeyError, IndexError):
+            return None
 
     def _read_guest_u32(self, gpa: int) -> int | None:
         try:
@@ -386,6 +393,11 @@ class NestedVmx:
             self._trace("kvm_nested_vmenter_failed", check=fc.name, source=fc.source, values=fc.values)
             self.stats["entry_failed"] += 1
             return self._failed_entry_exit(X.EXIT["INVALID_STATE"], qual)
+        bad = check_pdptes(snap, self.maxphyaddr, self._read_guest_u64)
+        if bad is not None:
+            self._trace("kvm_nested_vmenter_failed", check=bad.name, source=bad.source, values=bad.values)
+            self.stats["entry_failed"] += 1
+            return self._failed_entry_exit(X.EXIT["INVALID_STATE"], X.ENTRY_FAIL_PDPTE)
         self._trace("kvm_nested_vmenter", rip=v12["guest_rip"], vmcs=self.current_vmptr,
                     exit_qual=v12["exit_qualification"], launch=launch)
         self.enter_guest_mode(snap)
@@ -661,7 +673,8 @@ class NestedVmx:
             info |= insn.reg << 28
         return ExitInfo(_INSN_EXIT[insn.op], qual, insn_len=insn.length, insn_info=info)
 
-    def exception_exit(self, vector: int, error_code: int | None, payload: int | None) -> ExitInfo | None:
+    def exception_exit(self, vector: int, error_code: int | None, payload: int | None,
+                       privileged: bool = False) -> ExitInfo | None:
         """KVM nested_vmx_l1_wants_exit for EXCEPTION_NMI; #PF through the PFEC mask/match
         (SDM 25.6.3)."""
         v12 = self.vmcs12
@@ -675,7 +688,12 @@ class NestedVmx:
             wanted = bool(bitmap >> vector & 1)
         if not wanted:
             return None
-        kind = X.INTR_TYPE_SOFT_EXCEPTION if vector in (3, 4) else X.INTR_TYPE_HARD_EXCEPTION
+        if privileged:
+            kind = X.INTR_TYPE_PRIV_SW_EXCEPTION   # INT1
+        elif vector in (3, 4):
+            kind = X.INTR_TYPE_SOFT_EXCEPTION      # INT3, INTO
+        else:
+            kind = X.INTR_TYPE_HARD_EXCEPTION
         info = vector | kind | X.INTR_INFO_VALID
         if error_code is not None and self.v.ctx.get_state().protected:
             info |= X.INTR_INFO_DELIVER_CODE
