@@ -32,13 +32,13 @@ def test_vmxtest_guest_passes():
     m, text, result = _run("vmxtest")
     parsed = tap.parse(text)
     assert parsed.complete and not parsed.failed, text
-    assert len(parsed.tests) == 23
+    assert len(parsed.tests) == 24
     assert result.status == 1, text
     stats = m.vcpus[0].nested.stats
     # every nested exit the guest caused, by reason (SDM Appendix C numbers, as L1 saw them)
     assert stats["exit_CPUID"] == 10
     for reason in ("IO_INSTRUCTION", "HLT", "MSR_READ", "CR_ACCESS", "EXCEPTION_NMI",
-                   "EXTERNAL_INTERRUPT", "TRIPLE_FAULT", "INVALID_STATE", "INTERRUPT_WINDOW", "INVD"):
+                   "EXTERNAL_INTERRUPT", "TRIPLE_FAULT", "INVALID_STATE", "INTERRUPT_WINDOW", "INVD", "PREEMPTION_TIMER"):
         assert stats[f"exit_{reason}"] >= 1, reason
 
 

@@ -306,7 +306,12 @@ class Vcpu:
         return (self.now() + self.tsc_offset) & 0xFFFFFFFFFFFFFFFF
 
     def next_deadline(self) -> int | None:
-        return self.lapic.next_deadline()
+        deadline = self.lapic.next_deadline()
+        nested = self.nested
+        if nested is not None and nested.preemption_deadline is not None:
+            if deadline is None or nested.preemption_deadline < deadline:
+                deadline = nested.preemption_deadline
+        return deadline
 
     # ---- reset / INIT ------------------------------------------------------------------
 
@@ -424,7 +429,8 @@ class Vcpu:
         if self.nmi_pending or self.init_pending or self.sipi_pending is not None:
             return True
         nested = self.nested
-        if nested is not None and nested.guest_mode and nested.exits_on_intr() and self._interrupt_pending():
+        if nested is not None and nested.guest_mode and (
+                nested.preemption_timer_expired() or (nested.exits_on_intr() and self._interrupt_pending())):
             return True
         return self._interrupt_pending() and bool(self.ctx.rflags & RFLAGS_IF)
 
@@ -475,7 +481,7 @@ class Vcpu:
 
     def _nested_events(self, nested: NestedVmx) -> bool:
         """KVM vmx_check_nested_events: an event L1 intercepts becomes a nested VM exit
-        (exception, NMI, external interrupt, interrupt window, in that order)."""
+        (exception, preemption timer, NMI, external interrupt, interrupt window, in order)."""
         e: ExitInfo | None = None
         if self.pending_exception is not None:
             vector, ec = self.pending_exception
@@ -483,6 +489,8 @@ class Vcpu:
             if e is not None:
                 self.pending_exception = None
                 self.exception_payload = None
+        elif nested.preemption_timer_expired():
+            e = ExitInfo(52)   # SDM 26.5.1: below exceptions, above NMIs and interrupts
         elif self.nmi_pending and nested.exits_on_nmi() and not self.ctx.hflags2() & HF2_NMI:
             self.nmi_pending -= 1
             e = ExitInfo(0, intr_info=2 | X_INTR_TYPE_NMI | X_INTR_VALID)
@@ -545,8 +553,12 @@ class Vcpu:
                 return None
             if self._pause_yield:
                 # pause-loop exit: the spinning vCPU gives up the rest of its slice; its time
-                # still passes (KVM handle_pause -> kvm_vcpu_on_spin)
+                # still passes (KVM handle_pause -> kvm_vcpu_on_spin), up to the next timer
                 self._pause_yield = False
+                deadline = self.next_deadline()
+                if deadline is not None and deadline < self.run_until:
+                    self.clock = max(self.clock, deadline)   # the timer fires within this slice
+                    return None
                 self.clock = max(self.clock, self.run_until)
                 self.idle_slice = True
                 return Exit(U.KVM_EXIT_INTR)

@@ -44,6 +44,7 @@
     DEFTEST t_l2_inject, l2_inject, "an external interrupt injected on VM entry runs L2's handler"
     DEFTEST t_l2_extint, l2_extint, "external-interrupt exiting with acknowledge-on-exit reports the vector"
     DEFTEST t_l2_intr_window, l2_intr_window, "interrupt-window exit right after the STI shadow (sti; nop; vmcall)"
+    DEFTEST t_l2_preemption, l2_preemption, "VMX-preemption timer: an exit (reason 52) after the count, value saved as 0"
     DEFTEST t_l2_triple_fault, l2_triple_fault, "a triple fault in L2 exits to L1 (reason 2)"
     DEFTEST t_vmxoff, vmxoff, "VMXOFF leaves VMX operation; VMREAD is then #UD"
     TESTS_END
@@ -416,6 +417,24 @@ t_l2_intr_window:
     VMREAD_R GUEST_RIP, %rbx
     lea l2_after_window(%rip), %rax
     EXPECT_EQ %rbx, %rax
+    ret
+
+t_l2_preemption:
+    lea l2_spin(%rip), %rdi
+    call vmcs_setup
+    VMREAD_R PIN_BASED_CONTROLS, %rbx
+    or $PIN_PREEMPTION_TIMER, %rbx
+    VMWRITE_I PIN_BASED_CONTROLS, %rbx
+    VMREAD_R VM_EXIT_CONTROLS, %rbx
+    or $EXIT_SAVE_PREEMPTION, %rbx
+    VMWRITE_I VM_EXIT_CONTROLS, %rbx
+    VMWRITE_I PREEMPTION_TIMER_VALUE, $1000
+    mov $1, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_PREEMPTION_TIMER
+    VMREAD_R PREEMPTION_TIMER_VALUE, %rbx
+    EXPECT_EQ %rbx, $0
     ret
 
 l2_no_idt:

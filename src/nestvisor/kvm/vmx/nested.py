@@ -23,7 +23,7 @@ from ...cpu.engine import DREGS, ExecContext
 from ...cpu.faults import GuestFault, gp, ud
 from ...cpu.state import SEG_P, ArchState, DescTable, Segment
 from .. import msr as msrs
-from .caps import VmxCaps, nested_vmx_caps
+from .caps import PREEMPTION_TIMER_RATE, VmxCaps, nested_vmx_caps
 from .checks import (
     CheckFailure,
     check_controls,
@@ -98,6 +98,7 @@ class NestedVmx:
         self.eager_sync = False          # copy every field on every exit (to compare with lazy)
         self.pending: ExitInfo | None = None
         self.l2_tsc_offset = 0
+        self.preemption_deadline: int | None = None   # vCPU clock (ns) when the timer fires
         self.stats: Counter[str] = Counter()
 
     # ---- helpers --------------------------------------------------------------------------
@@ -458,6 +459,10 @@ class NestedVmx:
         l2.flush_tlb()
         cpu = v12["cpu_based_vm_exec_control"]
         self.l2_tsc_offset = v12["tsc_offset"] if cpu & X.CPU_USE_TSC_OFFSETTING else 0
+        # SDM 26.5.1: the timer counts from vmx_preemption_timer_value on the deterministic TSC
+        self.preemption_deadline = None
+        if v12["pin_based_vm_exec_control"] & X.PIN_PREEMPTION_TIMER:
+            self.preemption_deadline = self.v.now() + (v12["vmx_preemption_timer_value"] << PREEMPTION_TIMER_RATE)
         self.guest_mode = True
         self.need_rare_sync = False
         self.v.switch_context(l2)
@@ -783,7 +788,14 @@ class NestedVmx:
         if exit_ctl & X.EXIT_SAVE_IA32_PAT:
             v12["guest_ia32_pat"] = l2.cpu_msr(M.IA32_PAT)
             n += 1
+        if self.preemption_deadline is not None and exit_ctl & X.EXIT_SAVE_PREEMPTION_TIMER:
+            left = max(0, self.preemption_deadline - self.v.now())
+            v12["vmx_preemption_timer_value"] = left >> PREEMPTION_TIMER_RATE
+            n += 1
         return n
+
+    def preemption_timer_expired(self) -> bool:
+        return self.preemption_deadline is not None and self.v.now() >= self.preemption_deadline
 
     def sync_rare(self) -> int:
         """KVM sync_vmcs02_to_vmcs12_rare: segment state and descriptor tables from vmcs02."""
@@ -858,6 +870,7 @@ class NestedVmx:
         l1.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
         self.guest_mode = False
         self.l2_tsc_offset = 0
+        self.preemption_deadline = None
         self.v.switch_context(l1)
 
     def _failed_entry_exit(self, reason: int, qual: int) -> None:
