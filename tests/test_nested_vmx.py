@@ -32,7 +32,7 @@ def test_vmxtest_guest_passes():
     m, text, result = _run("vmxtest")
     parsed = tap.parse(text)
     assert parsed.complete and not parsed.failed, text
-    assert len(parsed.tests) == 24
+    assert len(parsed.tests) == 25
     assert result.status == 1, text
     stats = m.vcpus[0].nested.stats
     # every nested exit the guest caused, by reason (SDM Appendix C numbers, as L1 saw them)
@@ -98,7 +98,7 @@ def test_vmx_capability_msrs_are_consistent():
         tlow, thigh = msr[true] & 0xFFFFFFFF, msr[true] >> 32
         assert low & ~high == 0 and tlow & ~low == 0 and thigh == high
     # only the secondary controls that are implemented; no EPT or VPID yet
-    assert msr[X.IA32_VMX_PROCBASED_CTLS2] >> 32 == X.SEC_RDTSCP | X.SEC_WBINVD_EXITING
+    assert msr[X.IA32_VMX_PROCBASED_CTLS2] >> 32 == X.SEC_RDTSCP | X.SEC_WBINVD_EXITING | X.SEC_SHADOW_VMCS
     assert msr[X.IA32_VMX_EPT_VPID_CAP] == 0
     assert msr[X.IA32_VMX_CR0_FIXED0] == 0x80000021 and msr[X.IA32_VMX_CR4_FIXED0] == 0x2000
     assert msr[X.IA32_VMX_CR4_FIXED1] & 0x2000

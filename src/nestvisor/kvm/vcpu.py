@@ -687,17 +687,22 @@ class Vcpu:
         if nested is None or (insn.op == Op.VMCALL and not nested.guest_mode):
             return N.NV_CONTINUE   # #UD, or a hypercall: the substrate raises #UD for both
         if nested.guest_mode:
+            if insn.op in _VMX_IN_HOOK and not nested.l1_wants_vmrw(insn):
+                return self._vmx_in_hook(nested, insn)   # VMCS shadowing: no exit
             nested.pending = nested.insn_exit(insn)
             return N.NV_STOP_BEFORE
         if insn.op in _VMX_IN_HOOK:
-            try:
-                nested.emulate(insn)   # touches vmcs12 and GPRs only: safe inside the run
-            except GuestFault as f:
-                self._queue_fault(f)
-                return N.NV_STOP_BEFORE
-            return N.NV_HANDLED
+            return self._vmx_in_hook(nested, insn)
         self._outside = insn
         return N.NV_STOP_BEFORE
+
+    def _vmx_in_hook(self, nested: NestedVmx, insn: Insn) -> int:
+        try:
+            nested.emulate(insn)   # touches a vmcs12 image and GPRs only: safe inside the run
+        except GuestFault as f:
+            self._queue_fault(f)
+            return N.NV_STOP_BEFORE
+        return N.NV_HANDLED
 
     def _cpl(self) -> int:
         return self.ctx.hflags() & 3

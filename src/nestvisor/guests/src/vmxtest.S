@@ -45,6 +45,7 @@
     DEFTEST t_l2_extint, l2_extint, "external-interrupt exiting with acknowledge-on-exit reports the vector"
     DEFTEST t_l2_intr_window, l2_intr_window, "interrupt-window exit right after the STI shadow (sti; nop; vmcall)"
     DEFTEST t_l2_preemption, l2_preemption, "VMX-preemption timer: an exit (reason 52) after the count, value saved as 0"
+    DEFTEST t_shadow_vmcs, shadow_vmcs, "VMCS shadowing: L2's VMREAD/VMWRITE use the shadow VMCS; a bitmap bit makes VMREAD exit"
     DEFTEST t_l2_triple_fault, l2_triple_fault, "a triple fault in L2 exits to L1 (reason 2)"
     DEFTEST t_vmxoff, vmxoff, "VMXOFF leaves VMX operation; VMREAD is then #UD"
     TESTS_END
@@ -437,6 +438,41 @@ t_l2_preemption:
     EXPECT_EQ %rbx, $0
     ret
 
+l2_shadow:
+    mov $TSC_OFFSET, %eax
+    mov $0x1234, %edx
+    vmwrite %rdx, %rax                /* to the shadow VMCS: no exit */
+    vmread %rax, %rbx                 /* and back */
+    mov $GUEST_RIP, %eax
+    vmread %rax, %rcx                 /* its VMREAD-bitmap bit is set: exit */
+    ud2
+
+t_shadow_vmcs:
+    movl $VMCS_REVISION | 0x80000000, shadow_vmcs(%rip)   /* shadow-VMCS indicator */
+    vmclear shadow_ptr(%rip)
+    lea l2_shadow(%rip), %rdi
+    call vmcs_setup
+    VMREAD_R CPU_BASED_CONTROLS, %rbx
+    bts $31, %rbx                     /* CPU_SECONDARY: 1 << 31 does not fit a sign-extended imm32 */
+    VMWRITE_I CPU_BASED_CONTROLS, %rbx
+    VMWRITE_I SECONDARY_CONTROLS, $SEC_SHADOW_VMCS
+    lea vmread_bitmap(%rip), %rbx
+    orb $1 << (GUEST_RIP & 7), GUEST_RIP / 8(%rbx)
+    VMWRITE_I VMREAD_BITMAP, %rbx
+    lea vmwrite_bitmap(%rip), %rbx
+    VMWRITE_I VMWRITE_BITMAP, %rbx
+    VMWRITE_I VMCS_LINK_POINTER, shadow_ptr(%rip)
+    mov $1, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMREAD
+    EXPECT_EQ l2_regs+8*3(%rip), $0x1234      /* L2's RBX: read back from the shadow */
+    vmptrld shadow_ptr(%rip)                   /* the shadow was written back at the exit */
+    VMREAD_R TSC_OFFSET, %rbx
+    EXPECT_EQ %rbx, $0x1234
+    vmptrld vmcs_a_ptr(%rip)
+    ret
+
 l2_no_idt:
     lidt zero_idt(%rip)
     ud2
@@ -465,6 +501,7 @@ tap_title: .asciz "# nestvisor vmxtest: an L1 VMX hypervisor and its L2 guests\n
     .data
     .balign 8
 bad_vmcs_ptr: .quad bad_vmcs
+shadow_ptr:   .quad shadow_vmcs
 vmptr_out:    .quad 0
 io_qual:      .quad 0
 cr_qual:      .quad 0
@@ -475,3 +512,6 @@ zero_idt:     .word 0
     .bss
     .balign 4096
 bad_vmcs:     .skip 4096
+shadow_vmcs:  .skip 4096
+vmread_bitmap:  .skip 4096
+vmwrite_bitmap: .skip 4096

@@ -83,6 +83,10 @@ def _controls(v12: Mapping[str, int], caps: VmxCaps, maxphyaddr: int) -> None:
     if cpu & X.CPU_ACTIVATE_SECONDARY:
         _cc(not caps.proc2.allows(sec), "secondary controls allowed by IA32_VMX_PROCBASED_CTLS2", src,
             secondary=sec, high=caps.proc2.high)
+    if sec & X.SEC_SHADOW_VMCS:
+        for name in ("vmread_bitmap", "vmwrite_bitmap"):
+            _cc(not page_address_valid(v12[name], maxphyaddr), f"{name} is a valid page address",
+                "nested_vmx_check_shadow_vmcs_controls", **{name: v12[name]})
     _cc(v12["cr3_target_count"] > (caps.misc >> 16) & 0x1FF, "cr3_target_count within MISC[24:16]", src,
         cr3_target_count=v12["cr3_target_count"])
     if cpu & X.CPU_USE_IO_BITMAPS:
@@ -195,12 +199,14 @@ def _guest(v12: Mapping[str, int], caps: VmxCaps, run_pending: bool, maxphyaddr:
     link = v12["vmcs_link_pointer"]
     if link != 0xFFFFFFFFFFFFFFFF:
         # nested_vmx_check_vmcs_link_ptr: a VMCS region whose shadow bit matches "VMCS shadowing"
-        # (never enabled: it is not advertised)
         _cc(not page_address_valid(link, maxphyaddr), "VMCS link pointer is a valid page address", src, link=link)
         hdr = read_u32(link)
         _cc(hdr is None or hdr & 0x7FFFFFFF != VMCS12_REVISION, "VMCS link pointer page has the VMCS revision",
             src, link=link, header=hdr or 0)
-        _cc(bool(hdr >> 31), "VMCS link pointer page's shadow bit matches VMCS shadowing", src, header=hdr)
+        cpu = v12["cpu_based_vm_exec_control"]
+        shadowing = bool(cpu & X.CPU_ACTIVATE_SECONDARY and v12["secondary_vm_exec_control"] & X.SEC_SHADOW_VMCS)
+        _cc(bool(hdr >> 31) != shadowing, "VMCS link pointer page's shadow bit matches VMCS shadowing", src,
+            header=hdr)
     _cc(bool(cr0 & CR0_PG) and not cr0 & CR0_PE, "guest CR0.PG needs CR0.PE", src, guest_cr0=cr0)
     if ia32e:
         _cc(not cr4 & CR4_PAE or not cr0 & CR0_PG, "IA-32e guest needs CR4.PAE and CR0.PG", src,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -92,6 +93,7 @@ class NestedVmx:
         self.vmxon_ptr = INVALID_PTR
         self.current_vmptr = INVALID_PTR
         self.vmcs12: Vmcs12 | None = None
+        self.shadow12: Vmcs12 | None = None   # KVM cached_shadow_vmcs12, while L2 runs
         self.guest_mode = False
         self.ctx02: ExecContext | None = None
         self.need_rare_sync = False
@@ -120,11 +122,12 @@ class NestedVmx:
 
     def _fail(self, error: int) -> None:
         """KVM nested_vmx_fail: VMfailValid(error) with a current VMCS, else VMfailInvalid."""
-        if self.vmcs12 is None:
+        v12 = self._target()
+        if v12 is None:
             self._fail_invalid()
             return
         self.v.ctx.rflags = (self.v.ctx.rflags & ~X.RFLAGS_ARITH) | X.RFLAGS_ZF
-        self.vmcs12["vm_instruction_error"] = error
+        v12["vm_instruction_error"] = error
 
     def _check_permission(self) -> None:
         """KVM nested_vmx_check_permission: #UD outside VMX operation, #GP(0) at CPL > 0."""
@@ -253,8 +256,8 @@ class NestedVmx:
                 self._fail(X.VMXERR_VMPTRLD_INVALID_ADDRESS)
                 return self._done(insn)
             image = Vmcs12(self.v.vm.phys.read(ptr, V.VMCS12_SIZE))
-            if image.revision != V.VMCS12_REVISION or image.shadow:
-                # SDM VMPTRLD: a shadow VMCS needs VMCS shadowing, which is not advertised
+            if image.revision != V.VMCS12_REVISION or (image.shadow and not self.caps.proc2.high & X.SEC_SHADOW_VMCS):
+                # SDM VMPTRLD: the revision must match; a shadow VMCS needs VMCS shadowing
                 self._fail(X.VMXERR_VMPTRLD_INCORRECT_VMCS_REVISION_ID)
                 return self._done(insn)
             self.release_vmcs12()
@@ -274,10 +277,15 @@ class NestedVmx:
         value = self.v.ctx.gpr(insn.reg)
         return value if self.v.ctx.code_bits() == 64 else value & 0xFFFFFFFF
 
+    def _target(self) -> Vmcs12 | None:
+        """The VMCS VMREAD/VMWRITE access: vmcs12, or in L2 the shadow VMCS (SDM 24.10)."""
+        return self.shadow12 if self.guest_mode else self.vmcs12
+
     def _vmread(self, insn: Insn) -> None:
         """KVM handle_vmread."""
         self._check_permission()
-        if self.vmcs12 is None:
+        v12 = self._target()
+        if v12 is None:
             self._fail_invalid()
             return self._done(insn)
         found = V.lookup(self._field_operand(insn))
@@ -285,9 +293,9 @@ class NestedVmx:
             self._fail(X.VMXERR_UNSUPPORTED_VMCS_COMPONENT)
             return self._done(insn)
         f, high = found
-        if f.ext and self.need_rare_sync:
+        if f.ext and self.need_rare_sync and not self.guest_mode:
             self.sync_rare()
-        value = self.vmcs12.read(f)
+        value = v12.read(f)
         if high:
             value >>= 32
         bits = self.v.ctx.code_bits()
@@ -317,7 +325,8 @@ class NestedVmx:
             value = mem.read_u64(addr) if bits == 64 else mem.read_u32(addr)
         if bits != 64:
             value &= 0xFFFFFFFF
-        if self.vmcs12 is None:
+        v12 = self._target()
+        if v12 is None:
             self._fail_invalid()
             return self._done(insn)
         found = V.lookup(self._field_operand(insn))
@@ -328,13 +337,13 @@ class NestedVmx:
         if f.type == V.TYPE_READONLY and not self.caps.misc & X.MISC_VMWRITE_SHADOW_RO_FIELDS:
             self._fail(X.VMXERR_VMWRITE_READ_ONLY_VMCS_COMPONENT)
             return self._done(insn)
-        if f.name not in V.SHADOW_RW and self.need_rare_sync:
+        if f.name not in V.SHADOW_RW and self.need_rare_sync and not self.guest_mode:
             self.sync_rare()   # KVM handle_vmwrite: vmcs12 becomes dirty; bring it up to date first
         if f.name.endswith("_ar_bytes") and f.name.startswith("guest_"):
             value &= V.AR_BYTES_MASK
         if high:
-            value = (self.vmcs12.read(f) & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
-        self.vmcs12.write(f, value)
+            value = (v12.read(f) & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
+        v12.write(f, value)
         self._succeed()
         self._done(insn)
 
@@ -370,8 +379,8 @@ class NestedVmx:
         """KVM nested_vmx_run: the checks in order, then enter L2 (SDM 27.1-27.3)."""
         self._check_permission()
         v12 = self.vmcs12
-        if v12 is None:
-            self._fail_invalid()
+        if v12 is None or v12.shadow:
+            self._fail_invalid()   # KVM nested_vmx_run: no current VMCS, or a shadow VMCS
             return self._done(insn)
         if self.v.mov_ss_blocking():
             self._fail(X.VMXERR_ENTRY_EVENTS_BLOCKED_BY_MOV_SS)   # SDM 27.1
@@ -406,6 +415,7 @@ class NestedVmx:
         if index:
             return self._failed_entry_exit(X.EXIT["MSR_LOAD_FAIL"], index)
         self.stats["entries"] += 1
+        self._cache_shadow_vmcs12(snap)
         self._inject_on_entry(v12)
 
     def _entry_vmfail(self, insn: Insn, failure: CheckFailure, error: int) -> None:
@@ -471,6 +481,42 @@ class NestedVmx:
         if v12["guest_activity_state"] == X.ACTIVITY_HLT and not v12["vm_entry_intr_info_field"] & X.INTR_INFO_VALID \
                 and not (cpu & X.CPU_INTR_WINDOW and st.rflags & RFLAGS_IF):
             self.v.halt_in_guest()
+
+    def _shadowing(self, v12: Mapping[str, int]) -> bool:
+        return bool(v12["cpu_based_vm_exec_control"] & X.CPU_ACTIVATE_SECONDARY
+                    and v12["secondary_vm_exec_control"] & X.SEC_SHADOW_VMCS)
+
+    def _cache_shadow_vmcs12(self, v12: Mapping[str, int]) -> None:
+        """KVM nested_cache_shadow_vmcs12: L2's VMREAD/VMWRITE work on a copy of the VMCS the
+        link pointer names, written back at the next nested VM exit."""
+        link = v12["vmcs_link_pointer"]
+        self.shadow12 = None
+        if self._shadowing(v12) and link != INVALID_PTR:
+            self.shadow12 = Vmcs12(self.v.vm.phys.read(link, V.VMCS12_SIZE))
+
+    def _flush_shadow_vmcs12(self) -> None:
+        """KVM nested_flush_cached_shadow_vmcs12."""
+        if self.shadow12 is not None and self.vmcs12 is not None:
+            self.v.vm.phys.write(self.vmcs12["vmcs_link_pointer"], bytes(self.shadow12.data))
+        self.shadow12 = None
+
+    def l1_wants_vmrw(self, insn: Insn) -> bool:
+        """nested_vmx_exit_handled_vmcs_access: VMREAD/VMWRITE in L2 exit unless VMCS shadowing
+        covers the field (its bit clear in the VMREAD/VMWRITE bitmap, SDM 25.6.15)."""
+        v12 = self.vmcs12
+        if v12 is None or not self._shadowing(v12):
+            return True
+        field = self.v.ctx.gpr(insn.reg)
+        if self.v.ctx.code_bits() != 64:
+            field &= 0xFFFFFFFF
+        if field >> 15:
+            return True
+        bitmap = v12["vmread_bitmap" if insn.op == Op.VMREAD else "vmwrite_bitmap"]
+        try:
+            byte = self.v.vm.phys.read(bitmap + field // 8, 1)[0]
+        except (ValueError, KeyError, IndexError):
+            return True
+        return bool(byte >> (field & 7) & 1)
 
     def _inject_on_entry(self, v12: Vmcs12) -> None:
         """SDM 27.6: deliver the event in the VM-entry interruption-information field."""
@@ -868,6 +914,7 @@ class NestedVmx:
                 l1.set_reg(DREGS[i], l2.reg(DREGS[i]))
         l1.set_reg(DREGS[5], 0x400)
         l1.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
+        self._flush_shadow_vmcs12()
         self.guest_mode = False
         self.l2_tsc_offset = 0
         self.preemption_deadline = None
