@@ -101,6 +101,8 @@ class NestedVmx:
         self.pending: ExitInfo | None = None
         self.l2_tsc_offset = 0
         self.preemption_deadline: int | None = None   # vCPU clock (ns) when the timer fires
+        self._entry_dr6 = 0            # DR6 when L2 was entered (a #DB exit leaves it so)
+        self._entry_pending_dbg = 0    # vmcs12 pending debug exceptions loaded at entry
         self.stats: Counter[str] = Counter()
 
     # ---- helpers --------------------------------------------------------------------------
@@ -459,6 +461,8 @@ class NestedVmx:
         l2.set_cpu_msr(M.IA32_PAT, v12["guest_ia32_pat"] if entry & X.ENTRY_LOAD_IA32_PAT else l1.cpu_msr(M.IA32_PAT))
         for i in range(5):
             l2.set_reg(DREGS[i], l1.reg(DREGS[i]))
+        self._entry_dr6 = l1.reg(DREGS[4])
+        self._entry_pending_dbg = v12["guest_pending_dbg_exceptions"]
         l2.set_reg(DREGS[5], v12["guest_dr7"] if entry & X.ENTRY_LOAD_DEBUG_CONTROLS else l1.reg(DREGS[5]))
         intr = v12["guest_interruptibility_info"]
         shadow = intr & (X.GUEST_INTR_STATE_STI | X.GUEST_INTR_STATE_MOV_SS)
@@ -749,7 +753,21 @@ class NestedVmx:
         if error_code is not None and self.v.ctx.get_state().protected:
             info |= X.INTR_INFO_DELIVER_CODE
         qual = (payload or 0) if vector == 14 else 0
+        if vector == 1 and not privileged:
+            qual = self._db_payload()
         return ExitInfo(0, qual, info, (error_code or 0) & 0xFFFF)
+
+    def _db_payload(self) -> int:
+        """SDM 28.2.1 Table 28-1: a #DB exit reports B0-B3, BD and BS in the qualification and
+        leaves DR6 alone. The substrate already wrote them into L2's DR6 (B0-B3 fresh, BS
+        set): take them out, add the pending debug exceptions VM entry loaded, and put DR6
+        back as it was at entry."""
+        assert self.ctx02 is not None
+        dr6 = self.ctx02.reg(DREGS[4])
+        qual = (dr6 & 0x600F) | (self._entry_pending_dbg & 0x600F)
+        self.ctx02.set_reg(DREGS[4], self._entry_dr6)
+        self._entry_pending_dbg = 0
+        return qual
 
     def exits_on_intr(self) -> bool:
         v12 = self.vmcs12
