@@ -39,6 +39,7 @@ typedef int (*nv_py_page_fn)(uint64_t addr);
 typedef int (*nv_py_site_fn)(uint64_t addr);
 typedef int (*nv_py_recheck_fn)(void);
 typedef int (*nv_py_count_fn)(uint64_t addr, uint32_t size);
+typedef int (*nv_reg_write_fn)(void *uc, int regid, const void *value);
 
 #define NV_RECHECK_MAX 64
 
@@ -54,6 +55,13 @@ struct nv_trap {
     nv_py_site_fn on_site;
     nv_py_recheck_fn on_recheck;
     nv_py_count_fn on_count;
+    /* RDTSC answered here, without Python: TSC = tsc_base + icount (the vCPU's instruction
+     * clock plus its TSC offsets), at the sites Python registered with nv_fast_rdtsc, while
+     * fast_tsc is set (no CR4.TSD, no RDTSC exiting to L1) */
+    nv_reg_write_fn reg_write;
+    int32_t reg_rax, reg_rdx, reg_rip;
+    uint32_t fast_tsc;
+    uint64_t tsc_base;
     /* private */
     uint64_t last_page;
     uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
@@ -64,6 +72,9 @@ struct nv_trap {
     uint64_t *ckeys;      /* block key: (address << 12 | size) + 1 */
     uint32_t *cvals;      /* instructions in that block */
     uint32_t ccap, cused;
+    uint64_t *fkeys;      /* fast RDTSC site: linear address + 1 */
+    uint8_t *fvals;       /* its length */
+    uint32_t fcap, fused;
 };
 
 static uint64_t hash64(uint64_t x)
@@ -97,6 +108,9 @@ struct nv_trap *nv_new(void)
     t->ccap = 4096;
     t->ckeys = calloc(t->ccap, sizeof(uint64_t));
     t->cvals = calloc(t->ccap, sizeof(uint32_t));
+    t->fcap = 256;
+    t->fkeys = calloc(t->fcap, sizeof(uint64_t));
+    t->fvals = calloc(t->fcap, sizeof(uint8_t));
     t->last_page = UINT64_MAX;
     t->budget = UINT64_MAX;
     return t;
@@ -111,6 +125,9 @@ static void clear_pages(struct nv_trap *t)
     }
     t->used = 0;
     t->last_page = UINT64_MAX;
+    /* fast sites are linear addresses too */
+    memset(t->fkeys, 0, t->fcap * sizeof(uint64_t));
+    t->fused = 0;
 }
 
 void nv_free(struct nv_trap *t)
@@ -123,6 +140,8 @@ void nv_free(struct nv_trap *t)
     free(t->pkeys);
     free(t->ckeys);
     free(t->cvals);
+    free(t->fkeys);
+    free(t->fvals);
     free(t);
 }
 
@@ -168,6 +187,8 @@ int nv_set_page(struct nv_trap *t, uint64_t linear_page)
 /* Drop one linear page record (its physical page changed). Open addressing: rehash. */
 void nv_drop_page(struct nv_trap *t, uint64_t linear_page)
 {
+    memset(t->fkeys, 0, t->fcap * sizeof(uint64_t));   /* rare: drop every fast site */
+    t->fused = 0;
     int64_t s = find_slot(t->keys, t->cap, linear_page + 1);
     if (t->keys[s] == 0)
         return;
@@ -186,6 +207,22 @@ void nv_drop_page(struct nv_trap *t, uint64_t linear_page)
         t->vals[n] = v;
     }
     t->last_page = UINT64_MAX;
+}
+
+/* Answer RDTSC at this linear address natively from now on (until the next flush). */
+void nv_fast_rdtsc(struct nv_trap *t, uint64_t addr, uint32_t len)
+{
+    if ((t->fused + 1) * 2 > t->fcap) {
+        /* full: start over; Python registers sites again as they run */
+        memset(t->fkeys, 0, t->fcap * sizeof(uint64_t));
+        t->fused = 0;
+    }
+    int64_t s = find_slot(t->fkeys, t->fcap, addr + 1);
+    if (!t->fkeys[s]) {
+        t->fkeys[s] = addr + 1;
+        t->fvals[s] = (uint8_t)len;
+        t->fused++;
+    }
 }
 
 /* Remember that a physical page was scanned, so a later translation of it is noticed. */
@@ -309,6 +346,18 @@ void nv_block_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
 void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
 {
     (void)size;
+    if (t->fast_tsc && t->fused) {
+        int64_t s = find_slot(t->fkeys, t->fcap, addr + 1);
+        if (t->fkeys[s]) {
+            /* SDM RDTSC: EDX:EAX = TSC, upper halves of RAX/RDX cleared */
+            uint64_t tsc = t->tsc_base + t->icount;
+            uint64_t lo = tsc & 0xffffffffULL, hi = tsc >> 32, rip = addr + t->fvals[s];
+            t->reg_write(uc, t->reg_rax, &lo);
+            t->reg_write(uc, t->reg_rdx, &hi);
+            t->reg_write(uc, t->reg_rip, &rip);
+            return;
+        }
+    }
     switch (t->on_site(addr)) {
     case NV_STOP_BEFORE:
     case NV_HANDLED_STOP:

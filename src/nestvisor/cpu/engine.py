@@ -118,6 +118,8 @@ class ExecContext:
         self._cb_site = N.PAGE_CB(self._on_site)
         self._cb_recheck = N.RECHECK_CB(self._on_recheck)
         self.trap.emu_stop = N.EMU_STOP
+        self.trap.reg_write = N.REG_WRITE
+        self.trap.reg_rax, self.trap.reg_rdx, self.trap.reg_rip = GPRS[0], GPRS[2], RIP
         self.trap.on_page = ctypes.cast(self._cb_page, N.c_p).value
         self.trap.on_site = ctypes.cast(self._cb_site, N.c_p).value
         self.trap.on_recheck = ctypes.cast(self._cb_recheck, N.c_p).value
@@ -286,6 +288,16 @@ class ExecContext:
         self.ctx.set_u32(C.OFF_HFLAGS, (self.ctx.hflags | set_mask) & ~clear_mask)
         self.ctx.set_u32(C.OFF_HFLAGS2, (self.ctx.u32(C.OFF_HFLAGS2) | set2) & ~clear2)
         self.ctx.restore()
+
+    def set_tsc(self, base: int, fast: bool) -> None:
+        """The TSC is base + instructions retired in the run; `fast` lets the trap hook answer
+        RDTSC at registered sites itself."""
+        self.trap.tsc_base = base & TOP
+        self.trap.fast_tsc = int(fast)
+
+    def fast_rdtsc(self, linear: int, length: int) -> None:
+        """Answer the RDTSC at `linear` in the trap hook from now on (until a TLB flush)."""
+        N.traplib.nv_fast_rdtsc(self._tp, linear, length)
 
     def flush_tlb(self) -> None:
         """The linear->physical map changed: drop unicorn's TLB and our per-page site records."""

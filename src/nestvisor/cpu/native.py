@@ -73,6 +73,12 @@ class NvTrap(ctypes.Structure):
         ("on_site", c_p),
         ("on_recheck", c_p),
         ("on_count", c_p),
+        ("reg_write", c_p),
+        ("reg_rax", ctypes.c_int32),
+        ("reg_rdx", ctypes.c_int32),
+        ("reg_rip", ctypes.c_int32),
+        ("fast_tsc", ctypes.c_uint32),
+        ("tsc_base", c_u64),
     ]
 
 
@@ -92,6 +98,7 @@ traplib = _load_trap()
 traplib.nv_new.restype = ctypes.POINTER(NvTrap)
 traplib.nv_free.argtypes = [c_p]
 traplib.nv_flush.argtypes = [c_p]
+traplib.nv_fast_rdtsc.argtypes = [c_p, c_u64, ctypes.c_uint32]
 traplib.nv_set_page.argtypes = [c_p, c_u64]
 traplib.nv_drop_page.argtypes = [c_p, c_u64]
 traplib.nv_mark_scanned.argtypes = [c_p, c_u64]
@@ -100,3 +107,4 @@ BLOCK_HOOK = ctypes.cast(traplib.nv_block_hook, c_p).value
 SITE_HOOK = ctypes.cast(traplib.nv_site_hook, c_p).value
 FETCH_HOOK = ctypes.cast(traplib.nv_fetch_hook, c_p).value
 EMU_STOP = ctypes.cast(uclib.uc_emu_stop, c_p).value
+REG_WRITE = ctypes.cast(uclib.uc_reg_write, c_p).value

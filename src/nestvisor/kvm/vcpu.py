@@ -274,6 +274,19 @@ class Vcpu:
     @tsc_offset.setter
     def tsc_offset(self, value: int) -> None:
         self.lapic.tsc_offset = value   # one TSC for RDTSC, IA32_TSC and the TSC-deadline timer
+        if self._running:
+            self._load_tsc()
+
+    def _load_tsc(self) -> None:
+        """Give the trap hook this run's TSC base and say whether it may answer RDTSC alone
+        (not with CR4.TSD, which depends on CPL, nor when L1 intercepts L2's RDTSC)."""
+        nested = self.nested
+        base = self.clock + self.tsc_offset
+        fast = not self.ctx.reg_cr(4) & CR4_TSD
+        if nested is not None and nested.guest_mode:
+            base += nested.l2_tsc_offset
+            fast = fast and not nested.rdtsc_exiting()
+        self.ctx.set_tsc(base, fast)
 
     def kick(self) -> None:
         if self._running:
@@ -396,6 +409,7 @@ class Vcpu:
         self.idle_slice = False
         if self._event_waiting():
             budget = min(budget, WINDOW_SLICE)
+        self._load_tsc()
         self._running = True
         try:
             stop = self.ctx.run(budget)
@@ -408,7 +422,10 @@ class Vcpu:
         """Halted or waiting for SIPI: let virtual time pass until something can wake us."""
         self.lapic.update_timer(self.clock)
         if self.mp_state == U.KVM_MP_STATE_HALTED and self._wake_event():
-            self.mp_state = U.KVM_MP_STATE_RUNNABLE
+            nested = self.nested
+            # an event L1 intercepts exits with L2 still halted: vmcs12 records activity HLT
+            if nested is None or not nested.guest_mode or not self._nested_events(nested):
+                self.mp_state = U.KVM_MP_STATE_RUNNABLE
             return None
         deadline = self.next_deadline()
         if deadline is not None and deadline <= self.run_until:
@@ -747,6 +764,8 @@ class Vcpu:
             t = (t + self.nested.l2_tsc_offset) & 0xFFFFFFFFFFFFFFFF   # SDM 26.3: TSC offsetting
         if insn.op == Op.RDTSCP:
             self.ctx.set_gpr(1, self.msr_values.get("TSC_AUX", 0))
+        elif self.ctx.trap.fast_tsc:
+            self.ctx.fast_rdtsc(rip, insn.length)   # the next runs of this site stay in C
         self.ctx.write_batch(_RAX_RDX, (t & 0xFFFFFFFF, t >> 32))
         self.ctx.rip = rip + insn.length
         return N.NV_HANDLED

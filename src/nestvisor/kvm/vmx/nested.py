@@ -769,6 +769,10 @@ class NestedVmx:
         self._entry_pending_dbg = 0
         return qual
 
+    def rdtsc_exiting(self) -> bool:
+        v12 = self.vmcs12
+        return v12 is not None and bool(v12["cpu_based_vm_exec_control"] & X.CPU_RDTSC_EXITING)
+
     def exits_on_intr(self) -> bool:
         v12 = self.vmcs12
         return v12 is not None and bool(v12["pin_based_vm_exec_control"] & X.PIN_EXT_INTR_MASK)
