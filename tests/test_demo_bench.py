@@ -55,6 +55,7 @@ def test_bench_quick_json(capsys):
     assert r["loop_instructions"] == r["loop_expected_instructions"] == 2 * iterations + 2
     assert r["trapped"] == {"CPUID": bench.TRAP_ITERATIONS_QUICK, "RDMSR": bench.TRAP_ITERATIONS_QUICK}
     for key in ("nestvisor_loop_mips", "unicorn_loop_mips", "nestvisor_cpuid_us", "nestvisor_rdmsr_us",
+                "nestvisor_rdtsc_us",
                 "unicorn_hook_insn_cpuid_us", "unicorn_hook_code_cpuid_us"):
         assert r[key] > 0, key
 

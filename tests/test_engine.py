@@ -281,3 +281,26 @@ def test_scan_finds_prefixed_sites():
     sites = scan(code)
     assert {1, 2, 5, 7} <= set(sites)       # REX-prefixed MOV CR3, RDMSR, PAUSE
     assert 0 not in sites and 9 not in sites   # plain NOPs are not sites
+
+
+def test_rdtsc_fast_path_matches_python_path(tmp_path, monkeypatch):
+    # a loop of RDTSCs: after the first, each site is answered by the native hook
+    body = """mov $200, %ecx
+  xor %r12, %r12
+1: rdtsc
+  shl $32, %rdx
+  or %rax, %rdx
+  add %rdx, %r12
+  dec %ecx
+  jnz 1b"""
+    code = assemble(program(body), tmp_path)
+    vm, v = boot(code)
+    run_to_halt(v)
+    fast = (v.get_regs().r12, v.clock, v.stats["RDTSC"])
+    from nestvisor.cpu.engine import ExecContext
+    monkeypatch.setattr(ExecContext, "fast_rdtsc", lambda self, linear, length: None)
+    vm, v = boot(code)
+    run_to_halt(v)
+    slow = (v.get_regs().r12, v.clock, v.stats["RDTSC"])
+    assert fast[:2] == slow[:2]
+    assert slow[2] == 200 and fast[2] == 1   # Python saw every RDTSC only without the fast path

@@ -6,6 +6,7 @@ One process, one run of each measurement:
      `mov ecx,N; dec ecx; jnz; hlt`, run to KVM_EXIT_HLT);
   b. the same loop on bare unicorn (64-bit code, emu_start up to the hlt);
   c. µs per trapped CPUID and per trapped RDMSR(IA32_TSC) round trip under nestvisor,
+     and per RDTSC (answered in the native trap hook after its first run),
      the cost of the same loop without the trapping instruction subtracted;
   d. µs per CPUID on bare unicorn with a Python UC_HOOK_INSN CPUID hook (the binding's
      per-hook cost) and with a UC_HOOK_CODE hook on the CPUID address.
@@ -53,6 +54,7 @@ DEC_ESI64 = b"\xff\xce"
 XOR_EAX64 = b"\x31\xc0"
 CPUID = b"\x0f\xa2"
 RDMSR = b"\x0f\x32"
+RDTSC = b"\x0f\x31"
 JNZ = b"\x75"
 HLT = b"\xf4"
 
@@ -143,6 +145,8 @@ def measure(quick: bool = False) -> dict[str, Any]:
     with_cpuid, _ = guest.run(next(addrs), trap_loop16(k, XOR_EAX16 + CPUID))
     base_rdmsr, _ = guest.run(next(addrs), trap_loop16(k, b""))
     with_rdmsr, _ = guest.run(next(addrs), trap_loop16(k, RDMSR))
+    base_rdtsc, _ = guest.run(next(addrs), trap_loop16(k, b""))
+    with_rdtsc, _ = guest.run(next(addrs), trap_loop16(k, RDTSC))
     traps = {name: guest.vcpu.stats[name] for name in ("CPUID", "RDMSR")}
 
     # d. bare unicorn CPUID with Python hooks
@@ -165,6 +169,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
         "trapped": traps,
         "nestvisor_cpuid_us": (with_cpuid - base_cpuid) * us,
         "nestvisor_rdmsr_us": (with_rdmsr - base_rdmsr) * us,
+        "nestvisor_rdtsc_us": (with_rdtsc - base_rdtsc) * us,
         "unicorn_hook_insn_cpuid_us": (uc_insn - uc_base) * us,
         "unicorn_hook_code_cpuid_us": (uc_code - uc_base) * us,
         "total_seconds": time.perf_counter() - started,
@@ -178,6 +183,8 @@ def format_table(r: dict[str, Any]) -> str:
         (f"trapped CPUID, nestvisor ({r['trap_iterations']:,}x)", f"{r['nestvisor_cpuid_us']:.2f}", "µs"),
         (f"trapped RDMSR IA32_TSC, nestvisor ({r['trap_iterations']:,}x)",
          f"{r['nestvisor_rdmsr_us']:.2f}", "µs"),
+        (f"trapped RDTSC, nestvisor, answered in the native hook ({r['trap_iterations']:,}x)",
+         f"{r['nestvisor_rdtsc_us']:.2f}", "µs"),
         ("CPUID, bare unicorn + UC_HOOK_INSN (Python)", f"{r['unicorn_hook_insn_cpuid_us']:.2f}", "µs"),
         ("CPUID, bare unicorn + UC_HOOK_CODE (Python)", f"{r['unicorn_hook_code_cpuid_us']:.2f}", "µs"),
         ("total bench time", f"{r['total_seconds']:.2f}", "s"),
