@@ -147,7 +147,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
     with_rdmsr, _ = guest.run(next(addrs), trap_loop16(k, RDMSR))
     base_rdtsc, _ = guest.run(next(addrs), trap_loop16(k, b""))
     with_rdtsc, _ = guest.run(next(addrs), trap_loop16(k, RDTSC))
-    traps = {name: guest.vcpu.stats[name] for name in ("CPUID", "RDMSR")}
+    traps = {name: guest.vcpu.stats[name] for name in ("CPUID", "RDMSR", "RDTSC")}
 
     # d. bare unicorn CPUID with Python hooks
     uc_prologue = MOV_ESI64 + struct.pack("<I", k)
