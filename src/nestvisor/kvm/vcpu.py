@@ -249,6 +249,12 @@ class Vcpu:
         runs its first instruction."""
         self._vmcs_event = (vector, _VMCS_EVENT_KIND[kind], error_code, insn_len)
 
+    def queue_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Make `vector` the pending exception (delivered, or routed to L1, before the next
+        instruction)."""
+        self.pending_exception = (vector, error_code)
+        self.exception_payload = None
+
     def vmx_abort(self) -> None:
         """SDM 28.7: a VMX abort shuts the logical processor down (KVM: a triple fault)."""
         self._vmx_abort = True
@@ -473,7 +479,10 @@ class Vcpu:
             vector, ec = self.pending_exception
             self.pending_exception = None
             payload, self.exception_payload = self.exception_payload, None
-            return self._deliver(vector, EventKind.HARDWARE_EXCEPTION, ec, cr2=payload)
+            ex = self._deliver(vector, EventKind.HARDWARE_EXCEPTION, ec, cr2=payload)
+            if ex is None and nested is not None and nested.guest_mode:
+                self._nested_events(nested)   # e.g. a preemption timer due at the handler
+            return ex
         if not self.nmi_pending and not self._interrupt_pending():
             return None
         hf = self.ctx.hflags()

@@ -526,9 +526,21 @@ class NestedVmx:
         """SDM 27.6: deliver the event in the VM-entry interruption-information field."""
         info = v12["vm_entry_intr_info_field"]
         if not info & X.INTR_INFO_VALID:
+            self._pending_debug_on_entry(v12)
             return
         ec = v12["vm_entry_exception_error_code"] if info & X.INTR_INFO_DELIVER_CODE else None
         self.v.inject_from_vmcs(info & 0xFF, (info >> 8) & 7, ec, v12["vm_entry_instruction_len"])
+
+    def _pending_debug_on_entry(self, v12: Vmcs12) -> None:
+        """SDM 27.7.3: pending debug exceptions (BS, or an enabled breakpoint) without blocking
+        by MOV SS raise a #DB trap before L2's first instruction; DR6 takes their bits."""
+        pending = v12["guest_pending_dbg_exceptions"]
+        if not pending & 0x5000 or v12["guest_interruptibility_info"] & X.GUEST_INTR_STATE_MOV_SS:
+            return
+        assert self.ctx02 is not None
+        self.ctx02.set_reg(DREGS[4], self.ctx02.reg(DREGS[4]) | (pending & 0x400F))
+        self._entry_pending_dbg = 0
+        self.v.queue_exception(1)
 
     def _load_msr_list(self, addr: int, count: int) -> int:
         """KVM nested_vmx_load_msr: 0 on success, else the 1-based index of the bad entry."""
