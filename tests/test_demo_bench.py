@@ -56,6 +56,9 @@ def test_bench_quick_json(capsys):
     # Python sees every CPUID and RDMSR, and only the first run of the RDTSC site
     assert r["trapped"] == {"CPUID": bench.TRAP_ITERATIONS_QUICK, "RDMSR": bench.TRAP_ITERATIONS_QUICK, "RDTSC": 1}
     assert abs(r["nestvisor_rdtsc_us"]) < r["nestvisor_cpuid_us"]   # within noise of a bare loop
+    assert r["nested_exits"] == 1001   # 1000 CPUIDs and the final VMCALL
+    assert r["nested_round_trip_lazy_us"] > 0 and r["nested_round_trip_eager_us"] > 0
+    assert r["nested_fields_per_exit_lazy"] < r["nested_fields_per_exit_eager"]
     for key in ("nestvisor_loop_mips", "unicorn_loop_mips", "nestvisor_cpuid_us", "nestvisor_rdmsr_us",
                 "unicorn_hook_insn_cpuid_us", "unicorn_hook_code_cpuid_us"):
         assert r[key] > 0, key

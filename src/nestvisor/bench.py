@@ -9,7 +9,9 @@ One process, one run of each measurement:
      and per RDTSC (answered in the native trap hook after its first run),
      the cost of the same loop without the trapping instruction subtracted;
   d. µs per CPUID on bare unicorn with a Python UC_HOOK_INSN CPUID hook (the binding's
-     per-hook cost) and with a UC_HOOK_CODE hook on the CPUID address.
+     per-hook cost) and with a UC_HOOK_CODE hook on the CPUID address;
+  e. µs per nested VMX round trip (L2 CPUID -> L1's handler -> VMRESUME -> L2, the bundled
+     vmxbench guest) with lazy and with eager vmcs12 sync, and the fields copied per exit.
 
 Wall times are the host's; the instruction counts are exact (vcpu.clock, 1 insn = 1 ns).
 """
@@ -157,6 +159,9 @@ def measure(quick: bool = False) -> dict[str, Any]:
     uc_insn = _uc_run(cpuid_code, [(unicorn.UC_HOOK_INSN, _cpuid_insn_hook, (1, 0, X.UC_X86_INS_CPUID))])
     uc_code = _uc_run(cpuid_code, [(unicorn.UC_HOOK_CODE, _code_hook, (cpuid_addr, cpuid_addr))])
 
+    # e. nested VMX round trip: L2 CPUID -> L1 handler -> VMRESUME -> L2 (vmxbench guest)
+    nested = {mode: _nested_round_trip(eager) for mode, eager in (("lazy", False), ("eager", True))}
+
     us = 1e6 / k
     return {
         "quick": quick,
@@ -172,8 +177,31 @@ def measure(quick: bool = False) -> dict[str, Any]:
         "nestvisor_rdtsc_us": (with_rdtsc - base_rdtsc) * us,
         "unicorn_hook_insn_cpuid_us": (uc_insn - uc_base) * us,
         "unicorn_hook_code_cpuid_us": (uc_code - uc_base) * us,
+        "nested_exits": nested["lazy"][0],
+        "nested_round_trip_lazy_us": nested["lazy"][1],
+        "nested_round_trip_eager_us": nested["eager"][1],
+        "nested_fields_per_exit_lazy": nested["lazy"][2],
+        "nested_fields_per_exit_eager": nested["eager"][2],
         "total_seconds": time.perf_counter() - started,
     }
+
+
+def _nested_round_trip(eager: bool) -> tuple[int, float, float]:
+    """(nested exits, µs per round trip, vmcs12 fields copied per exit) for one vmxbench run."""
+    from nestvisor.guests.build import build
+    from nestvisor.platform.machine import Machine
+
+    machine = Machine(build("vmxbench"), profile="vmx", serial_out=lambda data: None)
+    nested = machine.vcpus[0].nested
+    nested.eager_sync = eager
+    start = time.perf_counter()
+    result = machine.run()
+    wall = time.perf_counter() - start
+    if result.status != 1:
+        raise RuntimeError(f"vmxbench failed: {result}")
+    st = nested.stats
+    exits = st["exits"]
+    return exits, wall / exits * 1e6, (st["fields_copied"] + st["fields_copied_rare"]) / exits
 
 
 def format_table(r: dict[str, Any]) -> str:
@@ -187,6 +215,11 @@ def format_table(r: dict[str, Any]) -> str:
          f"{r['nestvisor_rdtsc_us']:.2f}", "µs"),
         ("CPUID, bare unicorn + UC_HOOK_INSN (Python)", f"{r['unicorn_hook_insn_cpuid_us']:.2f}", "µs"),
         ("CPUID, bare unicorn + UC_HOOK_CODE (Python)", f"{r['unicorn_hook_code_cpuid_us']:.2f}", "µs"),
+        (f"nested round trip L2 CPUID -> L1 -> VMRESUME, lazy sync ({r['nested_exits']:,}x)",
+         f"{r['nested_round_trip_lazy_us']:.1f}", "µs"),
+        ("nested round trip, eager sync", f"{r['nested_round_trip_eager_us']:.1f}", "µs"),
+        ("vmcs12 fields copied per exit, lazy sync", f"{r['nested_fields_per_exit_lazy']:.1f}", "fields"),
+        ("vmcs12 fields copied per exit, eager sync", f"{r['nested_fields_per_exit_eager']:.1f}", "fields"),
         ("total bench time", f"{r['total_seconds']:.2f}", "s"),
     ]
     lw = max(len(a) for a, _, _ in rows)
