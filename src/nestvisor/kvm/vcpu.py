@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from ..arch import kvm_uapi as U
 from ..arch import msr as M
+from ..arch import vmx as VX
 from ..cpu import native as N
 from ..cpu.context import HF2_NMI, HF_INHIBIT_IRQ
 from ..cpu.decode import VMX_OPS, Insn, Op, decode
@@ -519,7 +520,7 @@ class Vcpu:
             e = ExitInfo(52)   # SDM 26.5.1: below exceptions, above NMIs and interrupts
         elif self.nmi_pending and nested.exits_on_nmi() and not self.ctx.hflags2() & HF2_NMI:
             self.nmi_pending -= 1
-            e = ExitInfo(0, intr_info=2 | X_INTR_TYPE_NMI | X_INTR_VALID)
+            e = ExitInfo(0, intr_info=2 | VX.INTR_TYPE_NMI | VX.INTR_INFO_VALID)
         elif nested.exits_on_intr() and self._interrupt_pending():
             info = 0
             if nested.ack_intr_on_exit():
@@ -529,7 +530,7 @@ class Vcpu:
                 else:
                     vector = self.lapic.pending_vector() or 0
                     self.lapic.ack_interrupt(vector)
-                info = vector | X_INTR_VALID
+                info = vector | VX.INTR_INFO_VALID
             e = ExitInfo(1, intr_info=info)
         elif nested.intr_window_exiting() and self.ctx.rflags & RFLAGS_IF and not self.ctx.hflags() & HF_INHIBIT_IRQ:
             e = ExitInfo(7)
@@ -1353,8 +1354,6 @@ _VMX_IN_HOOK = frozenset((Op.VMREAD, Op.VMWRITE))
 _VMCS_EVENT_KIND = {0: EventKind.EXTERNAL_INTERRUPT, 2: EventKind.NMI, 3: EventKind.HARDWARE_EXCEPTION,
                     4: EventKind.SOFTWARE_INTERRUPT, 5: EventKind.PRIVILEGED_SOFTWARE_EXCEPTION,
                     6: EventKind.SOFTWARE_EXCEPTION}
-X_INTR_VALID = 1 << 31
-X_INTR_TYPE_NMI = 2 << 8
 
 # Traps handled inside emulation (fast); the rest stop the run and are emulated outside.
 _IN_HOOK = {
