@@ -517,10 +517,10 @@ class Vcpu:
                 self.pending_exception = None
                 self.exception_payload = None
         elif nested.preemption_timer_expired():
-            e = ExitInfo(52)   # SDM 26.5.1: below exceptions, above NMIs and interrupts
+            e = ExitInfo(VX.EXIT["PREEMPTION_TIMER"])   # SDM 26.5.1: below exceptions, above NMIs and interrupts
         elif self.nmi_pending and nested.exits_on_nmi() and not self.ctx.hflags2() & HF2_NMI:
             self.nmi_pending -= 1
-            e = ExitInfo(0, intr_info=2 | VX.INTR_TYPE_NMI | VX.INTR_INFO_VALID)
+            e = ExitInfo(VX.EXIT["EXCEPTION_NMI"], intr_info=2 | VX.INTR_TYPE_NMI | VX.INTR_INFO_VALID)
         elif nested.exits_on_intr() and self._interrupt_pending():
             info = 0
             if nested.ack_intr_on_exit():
@@ -531,9 +531,9 @@ class Vcpu:
                     vector = self.lapic.pending_vector() or 0
                     self.lapic.ack_interrupt(vector)
                 info = vector | VX.INTR_INFO_VALID
-            e = ExitInfo(1, intr_info=info)
+            e = ExitInfo(VX.EXIT["EXTERNAL_INTERRUPT"], intr_info=info)
         elif nested.intr_window_exiting() and self.ctx.rflags & RFLAGS_IF and not self.ctx.hflags() & HF_INHIBIT_IRQ:
-            e = ExitInfo(7)
+            e = ExitInfo(VX.EXIT["INTERRUPT_WINDOW"])
         if e is None:
             return False
         nested.vmexit(e)
@@ -553,7 +553,7 @@ class Vcpu:
         if isinstance(new, TripleFault):
             nested = self.nested
             if nested is not None and nested.guest_mode:
-                nested.vmexit(ExitInfo(2))   # a triple fault in L2 always exits to L1
+                nested.vmexit(ExitInfo(VX.EXIT["TRIPLE_FAULT"]))   # a triple fault in L2 always exits to L1
                 return None
             # SDM 6.15: shutdown; KVM reports it as KVM_EXIT_SHUTDOWN
             self.stats["triple_fault"] += 1

@@ -49,12 +49,12 @@ _MSR_ENTRY = struct.Struct("<IIQ")   # SDM 25.7.2 Table 25-15: index, reserved, 
 # MSRs whose values VMX does not switch: L2 sees L1's (they live in each execution context).
 _SHARED_CPU_MSRS = (M.STAR, M.LSTAR, M.CSTAR, M.SFMASK, M.KERNEL_GS_BASE)
 
-# Exit reason of each VMX instruction executed in L2 (SDM Appendix C)
-_INSN_EXIT = {
-    Op.VMCALL: 18, Op.VMCLEAR: 19, Op.VMLAUNCH: 20, Op.VMPTRLD: 21, Op.VMPTRST: 22,
-    Op.VMREAD: 23, Op.VMRESUME: 24, Op.VMWRITE: 25, Op.VMXOFF: 26, Op.VMXON: 27,
-    Op.INVEPT: 50, Op.INVVPID: 53, Op.VMFUNC: 59,
-}
+# Exit reason of each VMX instruction executed in L2 (SDM Appendix C names, arch/vmx.py)
+_INSN_EXIT = {op: X.EXIT[name] for op, name in (
+    (Op.VMCALL, "VMCALL"), (Op.VMCLEAR, "VMCLEAR"), (Op.VMLAUNCH, "VMLAUNCH"), (Op.VMPTRLD, "VMPTRLD"),
+    (Op.VMPTRST, "VMPTRST"), (Op.VMREAD, "VMREAD"), (Op.VMRESUME, "VMRESUME"), (Op.VMWRITE, "VMWRITE"),
+    (Op.VMXOFF, "VMOFF"), (Op.VMXON, "VMON"), (Op.INVEPT, "INVEPT"), (Op.INVVPID, "INVVPID"),
+    (Op.VMFUNC, "VMFUNC"))}
 _SEGS = ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")
 
 
@@ -582,16 +582,16 @@ class NestedVmx:
         op = insn.op
         n = insn.length
         if op == Op.CPUID:
-            return ExitInfo(10, insn_len=n)
+            return ExitInfo(X.EXIT["CPUID"], insn_len=n)
         if op == Op.HLT:
-            return ExitInfo(12, insn_len=n) if cpu & X.CPU_HLT_EXITING else None
+            return ExitInfo(X.EXIT["HLT"], insn_len=n) if cpu & X.CPU_HLT_EXITING else None
         sec = v12["secondary_vm_exec_control"] if cpu & X.CPU_ACTIVATE_SECONDARY else 0
         if op == Op.RDTSCP and not sec & X.SEC_RDTSCP:
             raise ud()   # SDM 26.1.1: RDTSCP is #UD unless "enable RDTSCP" is 1
         if op in (Op.RDTSC, Op.RDTSCP):
-            return ExitInfo(16 if op == Op.RDTSC else 51, insn_len=n) if cpu & X.CPU_RDTSC_EXITING else None
+            return ExitInfo(X.EXIT["RDTSC" if op == Op.RDTSC else "RDTSCP"], insn_len=n) if cpu & X.CPU_RDTSC_EXITING else None
         if op == Op.WBINVD:
-            return ExitInfo(54, insn_len=n) if sec & X.SEC_WBINVD_EXITING else None
+            return ExitInfo(X.EXIT["WBINVD"], insn_len=n) if sec & X.SEC_WBINVD_EXITING else None
         if op in (Op.RDMSR, Op.WRMSR):
             return self._msr_exit(insn, cpu, op == Op.WRMSR)
         if op in (Op.IN, Op.OUT, Op.INS, Op.OUTS):
@@ -603,22 +603,22 @@ class NestedVmx:
                 return None
             # SDM Table 28-4: DR number, direction (1 = MOV from DR), register
             qual = insn.crn | ((op == Op.MOV_FROM_DR) << 4) | (insn.reg << 8)
-            return ExitInfo(29, qual, insn_len=n)
+            return ExitInfo(X.EXIT["DR_ACCESS"], qual, insn_len=n)
         if op == Op.INVLPG:
             if not cpu & X.CPU_INVLPG_EXITING:
                 return None
-            return ExitInfo(14, self._operand_address(insn, self.v.ctx.get_state()), insn_len=n)
+            return ExitInfo(X.EXIT["INVLPG"], self._operand_address(insn, self.v.ctx.get_state()), insn_len=n)
         if op == Op.PAUSE:
-            return ExitInfo(40, insn_len=n) if cpu & X.CPU_PAUSE_EXITING else None
+            return ExitInfo(X.EXIT["PAUSE_INSTRUCTION"], insn_len=n) if cpu & X.CPU_PAUSE_EXITING else None
         if op == Op.XSETBV:
-            return ExitInfo(55, insn_len=n)
+            return ExitInfo(X.EXIT["XSETBV"], insn_len=n)
         if op == Op.INVD:
-            return ExitInfo(13, insn_len=n)
+            return ExitInfo(X.EXIT["INVD"], insn_len=n)
         return None
 
     def _msr_exit(self, insn: Insn, cpu: int, write: bool) -> ExitInfo | None:
         """KVM nested_vmx_exit_handled_msr (SDM 25.6.9 MSR bitmaps)."""
-        reason = 32 if write else 31
+        reason = X.EXIT["MSR_WRITE" if write else "MSR_READ"]
         if not cpu & X.CPU_USE_MSR_BITMAPS:
             return ExitInfo(reason, insn_len=insn.length)
         index = self.v.ctx.gpr(1) & 0xFFFFFFFF
@@ -666,7 +666,7 @@ class NestedVmx:
             seg = st.es if insn.op == Op.INS else (st.es, st.cs, st.ss, st.ds, st.fs, st.gs)[insn.seg]
             mask = (1 << (8 * insn.addr_size)) - 1
             linear = (seg.base + (self.v.ctx.gpr(reg) & mask)) & 0xFFFFFFFFFFFFFFFF
-        info = ExitInfo(30, qual, insn_len=insn.length)
+        info = ExitInfo(X.EXIT["IO_INSTRUCTION"], qual, insn_len=insn.length)
         if string:
             self.vmcs12["guest_linear_address"] = linear
         return info
@@ -687,22 +687,22 @@ class NestedVmx:
                 wanted = bool(cpu & X.CPU_CR8_LOAD_EXITING)
             else:
                 wanted = False
-            return ExitInfo(28, qual, insn_len=n) if wanted else None
+            return ExitInfo(X.EXIT["CR_ACCESS"], qual, insn_len=n) if wanted else None
         if op == Op.MOV_FROM_CR:
             qual = insn.crn | (X.CR_ACCESS_MOV_FROM << 4) | (insn.reg << 8)
             wanted = (insn.crn == 3 and bool(cpu & X.CPU_CR3_STORE_EXITING)) or \
                      (insn.crn == 8 and bool(cpu & X.CPU_CR8_STORE_EXITING))
-            return ExitInfo(28, qual, insn_len=n) if wanted else None
+            return ExitInfo(X.EXIT["CR_ACCESS"], qual, insn_len=n) if wanted else None
         mask, shadow = v12["cr0_guest_host_mask"], v12["cr0_read_shadow"]
         if op == Op.CLTS:
             wanted = bool(mask & CR0_TS and shadow & CR0_TS)
-            return ExitInfo(28, X.CR_ACCESS_CLTS << 4, insn_len=n) if wanted else None
+            return ExitInfo(X.EXIT["CR_ACCESS"], X.CR_ACCESS_CLTS << 4, insn_len=n) if wanted else None
         if insn.mem is not None:
             return None   # LMSW from memory: the operand value is not at hand; L0 runs it
         val = self.v.ctx.gpr(insn.reg) & 0xF
         wanted = bool(mask & 0xE & (val ^ shadow)) or (bool(mask & 1) and not shadow & 1 and bool(val & 1))
         qual = (X.CR_ACCESS_LMSW << 4) | (val << 16)
-        return ExitInfo(28, qual, insn_len=n) if wanted else None
+        return ExitInfo(X.EXIT["CR_ACCESS"], qual, insn_len=n) if wanted else None
 
     def cr_read_value(self, crn: int, real: int) -> int:
         """What MOV from CR0/CR4 returns in L2: guest/host-mask bits from the read shadow."""
@@ -767,7 +767,7 @@ class NestedVmx:
         qual = (payload or 0) if vector == 14 else 0
         if vector == 1 and not privileged:
             qual = self._db_payload()
-        return ExitInfo(0, qual, info, (error_code or 0) & 0xFFFF)
+        return ExitInfo(X.EXIT["EXCEPTION_NMI"], qual, info, (error_code or 0) & 0xFFFF)
 
     def _db_payload(self) -> int:
         """SDM 28.2.1 Table 28-1: a #DB exit reports B0-B3, BD and BS in the qualification and
