@@ -125,12 +125,12 @@ def test_header_must_be_in_first_8192_bytes():
         (b"MZ" + bytes(6) + mb_header() + bytes(64), "neither ELF"),
         (elf32([(KBASE, KBASE, CODE, len(CODE))], KBASE, machine=40), "not x86"),
         (elf32([(64 << 20, 64 << 20, CODE, len(CODE))], 64 << 20), "outside guest RAM"),
-        (elf32([(0x8000, 0x8000, CODE, len(CODE))], 0x8000), "boot information area"),
+        (elf32([(0x7800, 0x7800, CODE, len(CODE))], 0x7800), "firmware stub page"),
         (elf32([(KBASE, KBASE, mb_header(1 << 3), 12)], KBASE), "requires features"),
         (b"\x7fELF\x01\x01\x01" + bytes(9) + mb_header(), "not a valid ELF"),
     ],
     ids=["text", "elf-no-header", "bad-checksum", "not-elf-no-aout", "arm-elf",
-         "segment-beyond-ram", "segment-in-boot-area", "unknown-requirement", "truncated-elf"],
+         "segment-beyond-ram", "segment-on-firmware-page", "unknown-requirement", "truncated-elf"],
 )
 def test_bad_files_are_boot_errors(image, message):
     with pytest.raises(BootError, match=message) as exc:
@@ -143,3 +143,12 @@ def test_module_beyond_ram_is_boot_error():
     ram = FakeRam(size=8 << 20)
     with pytest.raises(BootError, match="module 'big'"):
         load_multiboot(flat_like(), ram, cmdline="x ", modules=[Module("big", bytes(5 << 20))])
+
+
+def test_low_kernel_overwrites_boot_information_as_qemu_does():
+    # QEMU's option ROM copies the kernel last: a kernel at 0x8000 wins over the mbi at 0x9500
+    ram = FakeRam()
+    code = CODE + bytes(0x2000)
+    info = load_multiboot(elf32([(0x8000, 0x8000, code, len(code))], 0x8000), ram, cmdline="x ")
+    assert bytes(ram.mem[0x8000:0x8000 + len(code)]) == code
+    assert info.kernel_start == 0x8000

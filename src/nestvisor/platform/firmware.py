@@ -21,7 +21,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-STUB_ADDR = 0x7000  # below the boot information area (multiboot.BOOT_AREA starts here)
+STUB_ADDR = 0x7000  # multiboot.FIRMWARE_PAGE: no kernel byte may land here
 KERNEL_CS = 0x08
 KERNEL_DS = 0x10
 

@@ -66,7 +66,8 @@ MODS_ADDR = 0x9600  # the module descriptors, 16 bytes each, after the mbi
 MODS_MAX = (0xA000 - MODS_ADDR) // _MODULE.size
 STRINGS_ADDR = 0xA000  # command lines and the loader name
 STRINGS_END = 0x9F000  # below the EBDA (QEMU's e820 ends low RAM at 0x9fc00)
-BOOT_AREA = (0x7000, 0xA0000)  # firmware stub page through the strings: no kernel byte may land here
+FIRMWARE_PAGE = (0x7000, 0x8000)  # the firmware stub that enters the kernel: nothing may land here
+BOOT_INFO_AREA = (MMAP_ADDR, STRINGS_END)
 LOW_RAM_END = 0xA0000  # 640 KiB of conventional memory (mem_lower = 640, QEMU)
 BOOT_LOADER_NAME = b"nestvisor\0"
 
@@ -138,9 +139,9 @@ def find_header(image: bytes) -> MultibootHeader:
 
 
 def _check_in_ram(ram: GuestRam, start: int, end: int, what: str) -> None:
-    if start < BOOT_AREA[1] and end > BOOT_AREA[0]:
-        raise BootError(f"{what} [{start:#x}, {end:#x}) overlaps the boot information area "
-                        f"[{BOOT_AREA[0]:#x}, {BOOT_AREA[1]:#x})")
+    if start < FIRMWARE_PAGE[1] and end > FIRMWARE_PAGE[0]:
+        raise BootError(f"{what} [{start:#x}, {end:#x}) overlaps the firmware stub page "
+                        f"[{FIRMWARE_PAGE[0]:#x}, {FIRMWARE_PAGE[1]:#x})")
     for base, size in ram.regions:
         if base <= start and end <= base + size:
             return
@@ -256,6 +257,9 @@ def load_multiboot(
             raise BootError("the kernel is neither ELF nor a multiboot image with load addresses "
                             "(header flag bit 16)")
         entry, kstart, kend = _load_elf(image, ram)
+    if kstart < BOOT_INFO_AREA[1] and kend > BOOT_INFO_AREA[0] and modules:
+        raise BootError(f"the kernel [{kstart:#x}, {kend:#x}) overlaps the boot information area "
+                        f"[{BOOT_INFO_AREA[0]:#x}, {BOOT_INFO_AREA[1]:#x}), which then cannot list modules")
 
     # Modules, page aligned above the kernel (QEMU multiboot.c loads them after the image).
     mod_addr = _align_up(kend)
@@ -310,6 +314,13 @@ def load_multiboot(
     if mods:
         ram.write(MODS_ADDR, mods)
     ram.write(STRINGS_ADDR, bytes(strings))
+    if kstart < BOOT_INFO_AREA[1] and kend > BOOT_INFO_AREA[0]:
+        # QEMU's multiboot option ROM copies the kernel after writing the boot information,
+        # so a low kernel (kvm-unit-tests' realmode.flat at 0x8000) overwrites it: load it again
+        if hdr.flags & MB_AOUT_KLUDGE:
+            _load_aout(image, hdr, ram)
+        else:
+            _load_elf(image, ram)
     return BootInfo(entry=entry, mbi_addr=MBI_ADDR, kernel_start=kstart, kernel_end=kend,
                     cmdline=cmdline, modules=placed, header=hdr)
 
