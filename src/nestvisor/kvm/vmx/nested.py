@@ -123,8 +123,10 @@ class NestedVmx:
         self.v.ctx.rflags = (self.v.ctx.rflags & ~X.RFLAGS_ARITH) | X.RFLAGS_CF
 
     def _fail(self, error: int) -> None:
-        """KVM nested_vmx_fail: VMfailValid(error) with a current VMCS, else VMfailInvalid."""
-        v12 = self._target()
+        """KVM nested_vmx_fail: VMfailValid(error) with a current VMCS, else VMfailInvalid. The
+        error goes to vmcs12 even when L2's VMREAD/VMWRITE worked on the shadow VMCS (KVM
+        writes get_vmcs12(); VM_INSTRUCTION_ERROR is never shadowed)."""
+        v12 = self.vmcs12
         if v12 is None:
             self._fail_invalid()
             return
