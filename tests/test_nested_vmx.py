@@ -68,6 +68,8 @@ def test_lazy_and_eager_sync_give_the_same_run():
     # L1 reads a rare field only at its 9 VMCALL exits: only those sync the rare fields
     assert lazy["rare_syncs"] == 9 and eager["rare_syncs"] == 1217
     assert lazy["fields_copied"] + lazy["fields_copied_rare"] < eager["fields_copied"]
+    # vmcs02 is loaded in full at VMLAUNCH only: L1 then changes just RIP between exits
+    assert lazy["vmcs02_full_loads"] == 1 and lazy["vmcs02_partial_loads"] == 1216
 
 
 def test_vmcs12_layout_is_kvms():

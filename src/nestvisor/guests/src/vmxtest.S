@@ -40,7 +40,7 @@
     DEFTEST t_l2_cpuid, l2_cpuid, "L2 CPUID exits to L1 10 times; L1's answers reach L2"
     DEFTEST t_l2_exits, l2_exits, "L2 exits for OUT, HLT, INVD, RDMSR (bitmap), MOV from CR3, VMCALL; not for RDMSR of PAT"
     DEFTEST t_l2_exception, l2_exception, "L2 #UD in the exception bitmap exits with interruption info 0x80000306"
-    DEFTEST t_l2_lazy_sync, l2_lazy_sync, "VMREAD of GUEST_ES_SELECTOR after an exit sees L2's ES"
+    DEFTEST t_l2_lazy_sync, l2_lazy_sync, "L2's ES survives a round trip without a sync; VMREAD of GUEST_ES_SELECTOR sees it"
     DEFTEST t_l2_inject, l2_inject, "an external interrupt injected on VM entry runs L2's handler"
     DEFTEST t_l2_extint, l2_extint, "external-interrupt exiting with acknowledge-on-exit reports the vector"
     DEFTEST t_l2_intr_window, l2_intr_window, "interrupt-window exit right after the STI shadow (sti; nop; vmcall)"
@@ -336,7 +336,10 @@ t_l2_exception:
 l2_load_es:
     xor %eax, %eax
     mov %ax, %es
+    vmcall                            /* L1 resumes without reading L2's segment state */
+    mov %es, %ebx                     /* ES must still be 0 after that round trip */
     vmcall
+    ud2
 
 t_l2_lazy_sync:
     lea l2_load_es(%rip), %rdi
@@ -345,6 +348,12 @@ t_l2_lazy_sync:
     call vm_enter
     mov %rax, %rbx
     EXPECT_EQ %rbx, $EXIT_VMCALL
+    call skip_l2_insn                 /* VMREAD/VMWRITE of GUEST_RIP: no rare-field sync */
+    xor %edi, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    EXPECT_EQ l2_regs+8*3(%rip), $0   /* L2's ES survived the unsynced round trip */
     VMREAD_R GUEST_ES_SELECTOR, %rbx
     EXPECT_EQ %rbx, $0
     VMREAD_R GUEST_ES_AR_BYTES, %rbx

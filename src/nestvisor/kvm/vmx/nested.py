@@ -56,6 +56,13 @@ _INSN_EXIT = {op: X.EXIT[name] for op, name in (
     (Op.VMXOFF, "VMOFF"), (Op.VMXON, "VMON"), (Op.INVEPT, "INVEPT"), (Op.INVVPID, "INVVPID"),
     (Op.VMFUNC, "VMFUNC"))}
 _SEGS = ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")
+# vmcs12 fields whose change needs vmcs02's guest state loaded in full at the next entry:
+# guest state other than what every entry loads anyway, and the entry controls (EFER, PAT,
+# debug controls)
+_FULL_LOAD = frozenset(f.name for f in V.FIELDS if f.type == V.TYPE_GUEST) - {
+    "guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility_info", "guest_activity_state",
+    "guest_pending_dbg_exceptions", "vmx_preemption_timer_value", "guest_dr7",
+} | {"vm_entry_controls"}
 
 
 @dataclass(slots=True)
@@ -94,6 +101,10 @@ class NestedVmx:
         self.current_vmptr = INVALID_PTR
         self.vmcs12: Vmcs12 | None = None
         self.shadow12: Vmcs12 | None = None   # KVM cached_shadow_vmcs12, while L2 runs
+        # vmcs02 (the L2 context) holds the guest state of this VMCS as of its last exit; the
+        # vmcs12 fields L1 wrote since then are `dirty` (KVM dirty_vmcs12, per field)
+        self._vmcs02_of = INVALID_PTR
+        self.dirty: set[str] = set()
         self.guest_mode = False
         self.ctx02: ExecContext | None = None
         self.need_rare_sync = False
@@ -348,6 +359,8 @@ class NestedVmx:
         if high:
             value = (v12.read(f) & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
         v12.write(f, value)
+        if not self.guest_mode:
+            self.dirty.add(f.name)
         self._succeed()
         self._done(insn)
 
@@ -368,6 +381,7 @@ class NestedVmx:
         if self.v.vm.phys.find(self.current_vmptr) is not None:
             self.v.vm.phys.write(self.current_vmptr, bytes(self.vmcs12.data))
         self.vmcs12, self.current_vmptr = None, INVALID_PTR
+        self._vmcs02_of = INVALID_PTR
 
     def cr0_valid(self, cr0: int) -> bool:
         """KVM nested_host_cr0_valid: CR0 within IA32_VMX_CR0_FIXED0/1."""
@@ -392,6 +406,9 @@ class NestedVmx:
         if v12.launch_state == launch:
             self._fail(X.VMXERR_VMLAUNCH_NONCLEAR_VMCS if launch else X.VMXERR_VMRESUME_NONLAUNCHED_VMCS)
             return self._done(insn)
+        partial = self._vmcs02_of == self.current_vmptr and not self.dirty & _FULL_LOAD
+        if not partial and self.need_rare_sync:
+            self.sync_rare()   # the full load reads every guest field from vmcs12
         snap = v12.fields()
         failure = check_controls(snap, self.caps, self.maxphyaddr)
         if failure is not None:
@@ -414,7 +431,7 @@ class NestedVmx:
             return self._failed_entry_exit(X.EXIT["INVALID_STATE"], X.ENTRY_FAIL_PDPTE)
         self._trace("kvm_nested_vmenter", rip=v12["guest_rip"], vmcs=self.current_vmptr,
                     exit_qual=v12["exit_qualification"], launch=launch)
-        self.enter_guest_mode(snap)
+        self.enter_guest_mode(snap, partial)
         index = self._load_msr_list(v12["vm_entry_msr_load_addr"], v12["vm_entry_msr_load_count"])
         if index:
             return self._failed_entry_exit(X.EXIT["MSR_LOAD_FAIL"], index)
@@ -428,13 +445,46 @@ class NestedVmx:
         self._fail(error)
         self._done(insn)
 
-    def enter_guest_mode(self, v12: dict[str, int]) -> None:
+    def enter_guest_mode(self, v12: dict[str, int], partial: bool = False) -> None:
         """KVM prepare_vmcs02 + enter_guest_mode: load vmcs12's guest state (`v12`, a snapshot
-        of the current vmcs12) into the L2 context."""
+        of the current vmcs12) into the L2 context. `partial`: the context already holds this
+        VMCS's guest state from its last exit and L1 changed at most RIP, RSP, RFLAGS and the
+        event fields, so only those are loaded (KVM prepare_vmcs02_rare is skipped the same
+        way unless vmcs12 is dirty)."""
         l1 = self.v.ctx
         if self.ctx02 is None:
             self.ctx02 = self.v.new_context()
+            partial = False
         l2 = self.ctx02
+        self.stats["vmcs02_partial_loads" if partial else "vmcs02_full_loads"] += 1
+        gprs = l1.gprs()
+        if partial:
+            rsp = v12["guest_rsp"]
+            l2.set_gprs(gprs[:4] + [rsp] + gprs[5:])
+            l2.rip = v12["guest_rip"]
+            l2.rflags = v12["guest_rflags"] | 2
+        else:
+            self._load_vmcs02(v12, l1, l2, gprs)
+        self._load_shared(v12, l1, l2)
+        self.dirty.clear()
+        cpu = v12["cpu_based_vm_exec_control"]
+        self.l2_tsc_offset = v12["tsc_offset"] if cpu & X.CPU_USE_TSC_OFFSETTING else 0
+        # SDM 26.5.1: the timer counts from vmx_preemption_timer_value on the deterministic TSC
+        self.preemption_deadline = None
+        if v12["pin_based_vm_exec_control"] & X.PIN_PREEMPTION_TIMER:
+            self.preemption_deadline = self.v.now() + (v12["vmx_preemption_timer_value"] << PREEMPTION_TIMER_RATE)
+        self.guest_mode = True
+        self.need_rare_sync = False
+        self.v.switch_context(l2)
+        # KVM nested_vmx_run: HLT activity halts at once unless an event is injected or an
+        # interrupt window (with IF=1) would end the halt
+        if v12["guest_activity_state"] == X.ACTIVITY_HLT and not v12["vm_entry_intr_info_field"] & X.INTR_INFO_VALID \
+                and not (cpu & X.CPU_INTR_WINDOW and v12["guest_rflags"] & RFLAGS_IF):
+            self.v.halt_in_guest()
+
+    def _load_vmcs02(self, v12: dict[str, int], l1: ExecContext, l2: ExecContext, gprs: list[int]) -> None:
+        """Every guest-state field of vmcs12 into the L2 context (KVM prepare_vmcs02 with
+        prepare_vmcs02_rare)."""
         entry = v12["vm_entry_controls"]
         l1_efer = l1.cpu_msr(M.EFER)
         if entry & X.ENTRY_LOAD_IA32_EFER:
@@ -452,15 +502,20 @@ class NestedVmx:
             seg = segment_from_vmcs(v12[f"guest_{s}_selector"], v12[f"guest_{s}_base"],
                                     v12[f"guest_{s}_limit"], v12[f"guest_{s}_ar_bytes"])
             setattr(st, "ldt" if s == "ldtr" else s, seg)
-        gprs = l1.gprs()
         l2.set_state(st)
         l2.set_gprs(gprs[:4] + [st.rsp] + gprs[5:])
-        for index in _SHARED_CPU_MSRS:
-            l2.set_cpu_msr(index, l1.cpu_msr(index))
         l2.set_cpu_msr(M.IA32_SYSENTER_CS, v12["guest_sysenter_cs"])
         l2.set_cpu_msr(M.IA32_SYSENTER_ESP, v12["guest_sysenter_esp"])
         l2.set_cpu_msr(M.IA32_SYSENTER_EIP, v12["guest_sysenter_eip"])
         l2.set_cpu_msr(M.IA32_PAT, v12["guest_ia32_pat"] if entry & X.ENTRY_LOAD_IA32_PAT else l1.cpu_msr(M.IA32_PAT))
+
+    def _load_shared(self, v12: dict[str, int], l1: ExecContext, l2: ExecContext) -> None:
+        """What VM entry takes from L1 or from the event and interruptibility fields every time:
+        the MSRs VMX does not switch, debug registers, the interrupt/NMI shadow, the TLB."""
+        entry = v12["vm_entry_controls"]
+        for index in _SHARED_CPU_MSRS:
+            l2.set_cpu_msr(index, l1.cpu_msr(index))
+        l2.set_reg_cr(2, l1.reg_cr(2))
         for i in range(5):
             l2.set_reg(DREGS[i], l1.reg(DREGS[i]))
         self._entry_dr6 = l1.reg(DREGS[4])
@@ -473,20 +528,6 @@ class NestedVmx:
                         clear2=0 if intr & X.GUEST_INTR_STATE_NMI else HF2_NMI)
         # SDM 28.3.3.3: without VPID, VM entry invalidates linear mappings
         l2.flush_tlb()
-        cpu = v12["cpu_based_vm_exec_control"]
-        self.l2_tsc_offset = v12["tsc_offset"] if cpu & X.CPU_USE_TSC_OFFSETTING else 0
-        # SDM 26.5.1: the timer counts from vmx_preemption_timer_value on the deterministic TSC
-        self.preemption_deadline = None
-        if v12["pin_based_vm_exec_control"] & X.PIN_PREEMPTION_TIMER:
-            self.preemption_deadline = self.v.now() + (v12["vmx_preemption_timer_value"] << PREEMPTION_TIMER_RATE)
-        self.guest_mode = True
-        self.need_rare_sync = False
-        self.v.switch_context(l2)
-        # KVM nested_vmx_run: HLT activity halts at once unless an event is injected or an
-        # interrupt window (with IF=1) would end the halt
-        if v12["guest_activity_state"] == X.ACTIVITY_HLT and not v12["vm_entry_intr_info_field"] & X.INTR_INFO_VALID \
-                and not (cpu & X.CPU_INTR_WINDOW and st.rflags & RFLAGS_IF):
-            self.v.halt_in_guest()
 
     def _shadowing(self, v12: Mapping[str, int]) -> bool:
         return bool(v12["cpu_based_vm_exec_control"] & X.CPU_ACTIVATE_SECONDARY
@@ -834,6 +875,8 @@ class NestedVmx:
         self._trace("kvm_nested_vmexit", reason=e.reason, rip=st.rip, qual=e.qualification,
                     intr_info=e.intr_info, fields_copied=copied)
         gprs = l2.gprs()
+        self._vmcs02_of = self.current_vmptr
+        self.dirty.clear()
         abort = not self._store_msr_list(v12["vm_exit_msr_store_addr"], v12["vm_exit_msr_store_count"])
         self._leave_guest_mode(gprs, from_l2=True)
         if abort or self._load_msr_list(v12["vm_exit_msr_load_addr"], v12["vm_exit_msr_load_count"]):
