@@ -32,6 +32,8 @@ enum nv_action {
     NV_HANDLED_STOP = 3, /* emulated, then stop emulation */
 };
 
+#define NV_STI_SITE 0xFF
+
 enum nv_stop { NV_STOP_NONE = 0, NV_STOP_BUDGET = 1, NV_STOP_SITE = 2, NV_STOP_RETRY = 3 };
 
 typedef int (*nv_emu_stop_fn)(void *uc);
@@ -62,6 +64,9 @@ struct nv_trap {
     int32_t reg_rax, reg_rdx, reg_rip;
     uint32_t fast_tsc;
     uint64_t tsc_base;
+    /* STI sites Python registered run natively (no callback) unless sti_watch is set: an
+     * interrupt waits for the window STI opens */
+    uint32_t sti_watch;
     /* private */
     uint64_t last_page;
     uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
@@ -72,8 +77,8 @@ struct nv_trap {
     uint64_t *ckeys;      /* block key: (address << 12 | size) + 1 */
     uint32_t *cvals;      /* instructions in that block */
     uint32_t ccap, cused;
-    uint64_t *fkeys;      /* fast RDTSC site: linear address + 1 */
-    uint8_t *fvals;       /* its length */
+    uint64_t *fkeys;      /* native site: linear address + 1 */
+    uint8_t *fvals;       /* RDTSC: its length; NV_STI_SITE: an STI */
     uint32_t fcap, fused;
 };
 
@@ -209,8 +214,21 @@ void nv_drop_page(struct nv_trap *t, uint64_t linear_page)
     t->last_page = UINT64_MAX;
 }
 
+static void put_native(struct nv_trap *t, uint64_t addr, uint8_t val);
+
 /* Answer RDTSC at this linear address natively from now on (until the next flush). */
 void nv_fast_rdtsc(struct nv_trap *t, uint64_t addr, uint32_t len)
+{
+    put_native(t, addr, (uint8_t)len);
+}
+
+/* Let the STI at this linear address run without a callback while sti_watch is clear. */
+void nv_passive_sti(struct nv_trap *t, uint64_t addr)
+{
+    put_native(t, addr, NV_STI_SITE);
+}
+
+static void put_native(struct nv_trap *t, uint64_t addr, uint8_t val)
 {
     if ((t->fused + 1) * 2 > t->fcap) {
         /* full: start over; Python registers sites again as they run */
@@ -220,7 +238,7 @@ void nv_fast_rdtsc(struct nv_trap *t, uint64_t addr, uint32_t len)
     int64_t s = find_slot(t->fkeys, t->fcap, addr + 1);
     if (!t->fkeys[s]) {
         t->fkeys[s] = addr + 1;
-        t->fvals[s] = (uint8_t)len;
+        t->fvals[s] = val;
         t->fused++;
     }
 }
@@ -346,9 +364,12 @@ void nv_block_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
 void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
 {
     (void)size;
-    if (t->fast_tsc && t->fused) {
+    if (t->fused) {
         int64_t s = find_slot(t->fkeys, t->fcap, addr + 1);
-        if (t->fkeys[s]) {
+        if (t->fkeys[s] && t->fvals[s] == NV_STI_SITE) {
+            if (!t->sti_watch)
+                return;
+        } else if (t->fkeys[s] && t->fast_tsc) {
             /* SDM RDTSC: EDX:EAX = TSC, upper halves of RAX/RDX cleared */
             uint64_t tsc = t->tsc_base + t->icount;
             uint64_t lo = tsc & 0xffffffffULL, hi = tsc >> 32, rip = addr + t->fvals[s];

@@ -299,6 +299,11 @@ class ExecContext:
         """Answer the RDTSC at `linear` in the trap hook from now on (until a TLB flush)."""
         N.traplib.nv_fast_rdtsc(self._tp, linear, length)
 
+    def passive_sti(self, linear: int) -> None:
+        """Run the STI at `linear` without a callback while no interrupt waits (see run's
+        `sti_watch`), until a TLB flush."""
+        N.traplib.nv_passive_sti(self._tp, linear)
+
     def flush_tlb(self) -> None:
         """The linear->physical map changed: drop unicorn's TLB and our per-page site records."""
         N.uc_ctl0(self.h, N.CTL_TLB_FLUSH)

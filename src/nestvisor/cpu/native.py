@@ -79,6 +79,7 @@ class NvTrap(ctypes.Structure):
         ("reg_rip", ctypes.c_int32),
         ("fast_tsc", ctypes.c_uint32),
         ("tsc_base", c_u64),
+        ("sti_watch", ctypes.c_uint32),
     ]
 
 
@@ -99,6 +100,7 @@ traplib.nv_new.restype = ctypes.POINTER(NvTrap)
 traplib.nv_free.argtypes = [c_p]
 traplib.nv_flush.argtypes = [c_p]
 traplib.nv_fast_rdtsc.argtypes = [c_p, c_u64, ctypes.c_uint32]
+traplib.nv_passive_sti.argtypes = [c_p, c_u64]
 traplib.nv_set_page.argtypes = [c_p, c_u64]
 traplib.nv_drop_page.argtypes = [c_p, c_u64]
 traplib.nv_mark_scanned.argtypes = [c_p, c_u64]

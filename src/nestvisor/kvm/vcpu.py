@@ -417,6 +417,7 @@ class Vcpu:
         if self._event_waiting():
             budget = min(budget, WINDOW_SLICE)
         self._load_tsc()
+        self.ctx.trap.sti_watch = self._sti_watch()
         self._running = True
         try:
             stop = self.ctx.run(budget)
@@ -877,11 +878,19 @@ class Vcpu:
         # With an interrupt waiting (or L1 asking for interrupt-window exits), the window STI
         # opens can be one instruction long (sti; nop; cli): STI is then emulated outside so
         # the event lands right after it.
-        if self.ctx.rflags & RFLAGS_IF:
-            return N.NV_CONTINUE   # no shadow: STI sets the shadow only when IF was 0
+        if self._sti_watch():
+            if not self.ctx.rflags & RFLAGS_IF:   # STI sets a shadow only when IF was 0
+                return None
+        else:
+            self.ctx.passive_sti(rip)   # the hook lets it run natively while nothing waits
+        return N.NV_CONTINUE
+
+    def _sti_watch(self) -> bool:
+        """Whether an STI must be emulated: an interrupt waits, or L1 wants interrupt-window
+        exits from L2."""
         nested = self.nested
-        window = nested is not None and nested.guest_mode and nested.intr_window_exiting()
-        return None if window or self._interrupt_pending() else N.NV_CONTINUE
+        return self._interrupt_pending() or (nested is not None and nested.guest_mode
+                                             and nested.intr_window_exiting())
 
     def _mov_ss(self, insn: Insn, rip: int) -> int:
         # The substrate keeps one interrupt-shadow flag; where a MOV SS shadow ends is noted
