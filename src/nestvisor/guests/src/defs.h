@@ -85,6 +85,7 @@
 .set VEC_TIMER,    0x40
 .set VEC_PING,     0x50     /* BSP -> AP */
 .set VEC_PONG,     0x51     /* AP -> BSP, sent by the ping handler */
+.set VEC_STI_WINDOW, 0x52   /* the selftest's sti; nop; cli check */
 .set VEC_SYSCALL,  0x80     /* int $0x80 */
 .set VEC_SPURIOUS, 0xFF
 

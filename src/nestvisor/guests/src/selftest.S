@@ -53,6 +53,7 @@
     /* the tests below need the APIC software-enabled */
     DEFTEST t_apic_enable, apic_enable, "APIC software-enabled via SPIV (0xfee000f0)"
     DEFTEST t_apic_id_version, apic_id_version, "APIC ID 0 on the BSP, version 0x1X with >= 4 LVT entries"
+    DEFTEST t_sti_window, sti_window, "a pending interrupt is taken in the one-instruction window of sti; nop; cli"
     DEFTEST t_apic_timer_oneshot, apic_timer_oneshot, "APIC timer one-shot fires vector 0x40 once (sti; hlt)"
     DEFTEST t_apic_timer_periodic, apic_timer_periodic, "APIC timer periodic mode fires repeatedly"
     /* the SMP tests below need ncpus, and the IPI test an online AP */
@@ -418,6 +419,23 @@ t_apic_enable:
     call apic_read
     mov %eax, %ebx
     EXPECT_MASK %rbx, 0x1ff, APIC_SPIV_ENABLE + VEC_SPURIOUS
+    pop %rbx
+    ret
+
+/* SDM STI: interrupts are recognized after the instruction following STI, so a self-IPI
+ * pending while IF=0 is taken between the nop and the cli, before the counter is read */
+t_sti_window:
+    push %rbx
+    movl $0, irq_count + VEC_STI_WINDOW * 4(%rip)
+    cli
+    mov $APIC_ICR, %edi
+    mov $0x40000 + VEC_STI_WINDOW, %esi        /* self IPI (shorthand 01), fixed */
+    call apic_write
+    sti
+    nop
+    cli
+    mov irq_count + VEC_STI_WINDOW * 4(%rip), %ebx
+    EXPECT_EQ %rbx, $1
     pop %rbx
     ret
 
