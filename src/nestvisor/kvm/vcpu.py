@@ -236,9 +236,6 @@ class Vcpu:
         """Run `ctx` from now on (a nested VM entry or exit)."""
         self.ctx = ctx
 
-    def linear(self, st: ArchState) -> LinearMemory:
-        return self._linear(st)
-
     def halt_in_guest(self) -> None:
         self.mp_state = U.KVM_MP_STATE_HALTED
 
@@ -469,11 +466,7 @@ class Vcpu:
             self._vmcs_event = None
             if kind == EventKind.NMI:
                 self.ctx.patch_hflags(set2=HF2_NMI)
-            ex = self._deliver(vector, kind, ec, n)
-            nested = self.nested
-            if ex is None and nested is not None and nested.guest_mode:
-                self._nested_events(nested)   # e.g. an interrupt window open at the handler
-            return ex
+            return self._deliver_then_nested_events(vector, kind, ec, n)
         nested = self.nested
         if nested is not None and nested.guest_mode and self._nested_events(nested):
             return None
@@ -481,10 +474,7 @@ class Vcpu:
             vector, ec = self.pending_exception
             self.pending_exception = None
             payload, self.exception_payload = self.exception_payload, None
-            ex = self._deliver(vector, EventKind.HARDWARE_EXCEPTION, ec, cr2=payload)
-            if ex is None and nested is not None and nested.guest_mode:
-                self._nested_events(nested)   # e.g. a preemption timer due at the handler
-            return ex
+            return self._deliver_then_nested_events(vector, EventKind.HARDWARE_EXCEPTION, ec, cr2=payload)
         if not self.nmi_pending and not self._interrupt_pending():
             return None
         hf = self.ctx.hflags()
@@ -506,6 +496,16 @@ class Vcpu:
                 self.lapic.ack_interrupt(vector)
             return self._deliver(vector, EventKind.EXTERNAL_INTERRUPT, None)
         return None
+
+    def _deliver_then_nested_events(self, vector: int, kind: EventKind, error_code: int | None,
+                                    insn_len: int = 0, cr2: int | None = None) -> Exit | None:
+        """Deliver an event; in L2, an exit L1 wants may already be due at the handler's first
+        instruction (an interrupt window, a preemption timer of 0)."""
+        ex = self._deliver(vector, kind, error_code, insn_len, cr2=cr2)
+        nested = self.nested
+        if ex is None and nested is not None and nested.guest_mode:
+            self._nested_events(nested)
+        return ex
 
     def _nested_events(self, nested: NestedVmx) -> bool:
         """KVM vmx_check_nested_events: an event L1 intercepts becomes a nested VM exit
@@ -1047,7 +1047,7 @@ class Vcpu:
             seg = (st.es, st.cs, st.ss, st.ds, st.fs, st.gs)[insn.seg]
             mask = (1 << (8 * insn.addr_size)) - 1
             rsi = self.ctx.gpr(6)
-            data = bytearray(self._linear(st).read((seg.base + (rsi & mask)) & 0xFFFFFFFFFFFFFFFF, size))
+            data = bytearray(self.linear(st).read((seg.base + (rsi & mask)) & 0xFFFFFFFFFFFFFFFF, size))
             self._string_advance(insn, 6, rsi, mask)
             return Exit(U.KVM_EXIT_IO, io=IoExit(U.KVM_EXIT_IO_OUT, size, port, 1, data))
         ex = Exit(U.KVM_EXIT_IO, io=IoExit(U.KVM_EXIT_IO_IN, size, port, 1, bytearray(size)))
@@ -1070,7 +1070,8 @@ class Vcpu:
                 return   # the instruction runs again for the next element
         self.ctx.rip = self.ctx.rip + insn.length
 
-    def _linear(self, st: ArchState) -> LinearMemory:
+    def linear(self, st: ArchState) -> LinearMemory:
+        """Guest-linear memory under the paging state `st` (string I/O, VMX operands)."""
         return LinearMemory(self.vm.phys, st, maxphyaddr=self.profile.maxphyaddr)
 
     def _complete_userspace(self) -> None:
@@ -1090,7 +1091,7 @@ class Vcpu:
             mask = (1 << (8 * c.insn.addr_size)) - 1
             rdi = self.ctx.gpr(7)
             try:
-                self._linear(st).write((st.es.base + (rdi & mask)) & 0xFFFFFFFFFFFFFFFF, bytes(c.exit.io.data[:c.insn.size]))
+                self.linear(st).write((st.es.base + (rdi & mask)) & 0xFFFFFFFFFFFFFFFF, bytes(c.exit.io.data[:c.insn.size]))
             except GuestFault as f:
                 self._queue_fault(f)
                 return

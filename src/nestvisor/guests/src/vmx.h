@@ -270,6 +270,27 @@ vmcs_setup:
     pop %rbx
     ret
 
+/* vmx_enable() -> eax = 0 in VMX root operation, 1 if VMXON failed: CR0.NE and CR4.VMXE
+ * (IA32_VMX_CR0/CR4_FIXED0), IA32_FEATURE_CONTROL locked with VMXON outside SMX, the
+ * revision in the VMXON region and in vmcs_a (SDM 24.7, 24.11.5) */
+vmx_enable:
+    mov %cr0, %rax
+    or $1 << 5, %rax
+    mov %rax, %cr0
+    mov %cr4, %rax
+    or $CR4_VMXE, %rax
+    mov %rax, %cr4
+    mov $MSR_FEATURE_CONTROL, %ecx
+    mov $5, %eax
+    xor %edx, %edx
+    wrmsr
+    movl $VMCS_REVISION, vmxon_region(%rip)
+    movl $VMCS_REVISION, vmcs_a(%rip)
+    vmxon vmxon_ptr(%rip)
+    setbe %al                         /* CF or ZF: VMfail */
+    movzbl %al, %eax
+    ret
+
 /*
  * vm_enter(edi = 1 for VMLAUNCH, 0 for VMRESUME) -> rax = exit reason, or -1 if the
  * instruction failed (vm_flags then holds CF/ZF). L2's registers come from l2_regs and

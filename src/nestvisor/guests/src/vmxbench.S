@@ -15,20 +15,9 @@
     .globl main
 main:
     push %rbx
-    mov %cr0, %rax
-    or $1 << 5, %rax                  /* CR0.NE: fixed to 1 in VMX operation */
-    mov %rax, %cr0
-    mov %cr4, %rax
-    or $CR4_VMXE, %rax
-    mov %rax, %cr4
-    mov $MSR_FEATURE_CONTROL, %ecx
-    mov $5, %eax
-    xor %edx, %edx
-    wrmsr
-    movl $VMCS_REVISION, vmxon_region(%rip)
-    movl $VMCS_REVISION, vmcs_a(%rip)
-    vmxon vmxon_ptr(%rip)
-    jbe 9f
+    call vmx_enable
+    test %eax, %eax
+    jnz 9f
     lea l2_cpuid_loop(%rip), %rdi
     call vmcs_setup
     mov $1, %edi

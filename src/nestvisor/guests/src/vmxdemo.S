@@ -20,20 +20,9 @@ main:
     push %rbx
     push %r12
     PRINT "vmxdemo: L1 enters VMX operation\n"
-    mov %cr0, %rax
-    or $1 << 5, %rax                  /* CR0.NE: fixed to 1 in VMX operation */
-    mov %rax, %cr0
-    mov %cr4, %rax
-    or $CR4_VMXE, %rax
-    mov %rax, %cr4
-    mov $MSR_FEATURE_CONTROL, %ecx
-    mov $5, %eax                      /* locked, VMXON outside SMX */
-    xor %edx, %edx
-    wrmsr
-    movl $VMCS_REVISION, vmxon_region(%rip)
-    movl $VMCS_REVISION, vmcs_a(%rip)
-    vmxon vmxon_ptr(%rip)
-    jbe fail                          /* CF or ZF: VMfail */
+    call vmx_enable
+    test %eax, %eax
+    jnz fail
     lea msr_bitmap(%rip), %rax
     orb $1 << (DEMO_MSR & 7), DEMO_MSR / 8(%rax)
     lea l2_main(%rip), %rdi

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ...arch import msr as M
 from ...arch import vmcs as V
 from ...arch import vmx as X
-from ...cpu.context import HF2_NMI, HF_INHIBIT_IRQ
+from ...cpu.context import HF2_NMI, HF_CS64, HF_INHIBIT_IRQ
 from ...cpu.decode import Insn, Op
 from ...cpu.engine import DREGS, ExecContext
 from ...cpu.faults import GuestFault, gp, ud
@@ -144,12 +144,15 @@ class NestedVmx:
         self.v.ctx.rflags = (self.v.ctx.rflags & ~X.RFLAGS_ARITH) | X.RFLAGS_ZF
         v12["vm_instruction_error"] = error
 
-    def _check_permission(self) -> None:
-        """KVM nested_vmx_check_permission: #UD outside VMX operation, #GP(0) at CPL > 0."""
+    def _check_permission(self) -> int:
+        """KVM nested_vmx_check_permission: #UD outside VMX operation, #GP(0) at CPL > 0.
+        Returns the operand size of the code (64 or 32), read from the same hidden flags."""
         if not self.vmxon:
             raise ud()
-        if self.v.ctx.hflags() & 3:
+        hf = self.v.ctx.hflags()
+        if hf & 3:
             raise gp()
+        return 64 if hf & HF_CS64 else 32
 
     def _operand_address(self, insn: Insn, st: ArchState) -> int:
         """Linear address of a ModRM memory operand (SDM 3.7.5; 64-bit mode ignores segment
@@ -238,16 +241,25 @@ class NestedVmx:
         self._succeed()
         self._done(insn)
 
-    def _vmclear(self, insn: Insn) -> None:
-        """KVM handle_vmclear."""
+    def _vmcs_pointer(self, insn: Insn, invalid_address: int, vmxon_pointer: int) -> int | None:
+        """The VMCS pointer operand of VMCLEAR/VMPTRLD, or None after VMfailValid: not a
+        page-aligned address below MAXPHYADDR, or the VMXON region (SDM VMCLEAR, VMPTRLD)."""
         self._check_permission()
         ptr = self._read_ptr(insn)
         if not page_address_valid(ptr, self.maxphyaddr):
-            self._fail(X.VMXERR_VMCLEAR_INVALID_ADDRESS)
-            return self._done(insn)
-        if ptr == self.vmxon_ptr:
-            self._fail(X.VMXERR_VMCLEAR_VMXON_POINTER)
-            return self._done(insn)
+            self._fail(invalid_address)
+        elif ptr == self.vmxon_ptr:
+            self._fail(vmxon_pointer)
+        else:
+            return ptr
+        self._done(insn)
+        return None
+
+    def _vmclear(self, insn: Insn) -> None:
+        """KVM handle_vmclear."""
+        ptr = self._vmcs_pointer(insn, X.VMXERR_VMCLEAR_INVALID_ADDRESS, X.VMXERR_VMCLEAR_VMXON_POINTER)
+        if ptr is None:
+            return
         if ptr == self.current_vmptr:
             self.release_vmcs12()
         # KVM handle_vmclear: launch_state = 0 in the guest's region
@@ -258,14 +270,9 @@ class NestedVmx:
 
     def _vmptrld(self, insn: Insn) -> None:
         """KVM handle_vmptrld."""
-        self._check_permission()
-        ptr = self._read_ptr(insn)
-        if not page_address_valid(ptr, self.maxphyaddr):
-            self._fail(X.VMXERR_VMPTRLD_INVALID_ADDRESS)
-            return self._done(insn)
-        if ptr == self.vmxon_ptr:
-            self._fail(X.VMXERR_VMPTRLD_VMXON_POINTER)
-            return self._done(insn)
+        ptr = self._vmcs_pointer(insn, X.VMXERR_VMPTRLD_INVALID_ADDRESS, X.VMXERR_VMPTRLD_VMXON_POINTER)
+        if ptr is None:
+            return
         if ptr != self.current_vmptr:
             if self.v.vm.phys.find(ptr) is None:
                 self._fail(X.VMXERR_VMPTRLD_INVALID_ADDRESS)
@@ -288,9 +295,9 @@ class NestedVmx:
         self._succeed()
         self._done(insn)
 
-    def _field_operand(self, insn: Insn) -> int:
+    def _field_operand(self, insn: Insn, bits: int) -> int:
         value = self.v.ctx.gpr(insn.reg)
-        return value if self.v.ctx.code_bits() == 64 else value & 0xFFFFFFFF
+        return value if bits == 64 else value & 0xFFFFFFFF
 
     def _target(self) -> Vmcs12 | None:
         """The VMCS VMREAD/VMWRITE access: vmcs12, or in L2 the shadow VMCS (SDM 24.10)."""
@@ -298,12 +305,12 @@ class NestedVmx:
 
     def _vmread(self, insn: Insn) -> None:
         """KVM handle_vmread."""
-        self._check_permission()
+        bits = self._check_permission()
         v12 = self._target()
         if v12 is None:
             self._fail_invalid()
             return self._done(insn)
-        found = V.lookup(self._field_operand(insn))
+        found = V.lookup(self._field_operand(insn, bits))
         if found is None:
             self._fail(X.VMXERR_UNSUPPORTED_VMCS_COMPONENT)
             return self._done(insn)
@@ -313,7 +320,6 @@ class NestedVmx:
         value = v12.read(f)
         if high:
             value >>= 32
-        bits = self.v.ctx.code_bits()
         if insn.mem is None:
             self.v.ctx.set_gpr(insn.rm, value & (0xFFFFFFFFFFFFFFFF if bits == 64 else 0xFFFFFFFF))
         else:
@@ -329,8 +335,7 @@ class NestedVmx:
 
     def _vmwrite(self, insn: Insn) -> None:
         """KVM handle_vmwrite."""
-        self._check_permission()
-        bits = self.v.ctx.code_bits()
+        bits = self._check_permission()
         if insn.mem is None:
             value = self.v.ctx.gpr(insn.rm)
         else:
@@ -344,7 +349,7 @@ class NestedVmx:
         if v12 is None:
             self._fail_invalid()
             return self._done(insn)
-        found = V.lookup(self._field_operand(insn))
+        found = V.lookup(self._field_operand(insn, bits))
         if found is None:
             self._fail(X.VMXERR_UNSUPPORTED_VMCS_COMPONENT)
             return self._done(insn)
