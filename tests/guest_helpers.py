@@ -13,7 +13,7 @@ from nestvisor.guests import build, tap
 
 # Selftest IDs whose rule QEMU TCG does not implement (see nestvisor.guests' docstring).
 QEMU_TCG_GAPS = ("rdmsr_unknown", "wrmsr_efer_reserved", "cr4_reserved",
-                 "cr0_nw", "cr0_pg_no_pe", "pat_invalid")
+                 "cr0_nw", "cr0_pg_no_pe", "pat_invalid", "alignment_check")
 
 
 def run_under_qemu(name: str, smp: int = 1, exclude: tuple[str, ...] = (),

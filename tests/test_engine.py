@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 
 import nestvisor
 from nestvisor.arch import kvm_uapi as U
+from nestvisor.arch.x86 import CR0_AM, RFLAGS_AC, RFLAGS_FIXED
 from nestvisor.cpu.sites import scan
 
 pytestmark = pytest.mark.skipif(shutil.which("as") is None, reason="needs GNU as")
@@ -304,3 +306,29 @@ def test_rdtsc_fast_path_matches_python_path(tmp_path, monkeypatch):
     slow = (v.get_regs().r12, v.clock, v.stats["RDTSC"])
     assert fast[:2] == slow[:2]
     assert slow[2] == 200 and fast[2] == 1   # Python saw every RDTSC only without the fast path
+
+
+def test_alignment_check_hook_only_while_cr0_am():
+    # A data-access hook sends every access through unicorn's slow path, so the #AC hook
+    # is there exactly while CR0.AM = 1 (the selftest's alignment_check runs the rule itself)
+    vm, v = boot(b"\xf4")
+    assert v.ctx._align_hook is None
+    s = v.get_sregs()
+    s.cr0 |= CR0_AM
+    v.set_sregs(s)
+    assert v.ctx._align_hook is not None
+    s.cr0 &= ~CR0_AM
+    v.set_sregs(s)
+    assert v.ctx._align_hook is None
+
+
+def test_align_hook_reads_the_live_cpu_state():
+    # nv_align_hook reads CPL and RFLAGS.AC in unicorn's own CPU state, found by offsets
+    vm, v = boot(b"\xf4")
+    r = v.get_regs()
+    r.rflags = RFLAGS_FIXED | RFLAGS_AC
+    v.set_regs(r)
+    assert ctypes.c_uint64.from_address(v.ctx.trap.eflags).value & RFLAGS_AC
+    r.rflags = RFLAGS_FIXED
+    v.set_regs(r)
+    assert not ctypes.c_uint64.from_address(v.ctx.trap.eflags).value & RFLAGS_AC

@@ -3,6 +3,7 @@ layout, the capability MSRs and the decoding of VMX instructions."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from nestvisor.arch import vmx as X
 from nestvisor.cpu.decode import Op, decode
 from nestvisor.guests import tap
 from nestvisor.guests.build import build
+from nestvisor.kvm.vmx.checks import check_eptp
 from nestvisor.kvm.vmx.vmcs12 import Vmcs12
 from nestvisor.platform.machine import Machine
 
@@ -32,27 +34,33 @@ def test_vmxtest_guest_passes():
     m, text, result = _run("vmxtest")
     parsed = tap.parse(text)
     assert parsed.complete and not parsed.failed, text
-    assert len(parsed.tests) == 25
+    assert len(parsed.tests) == 30
     assert result.status == 1, text
     stats = m.vcpus[0].nested.stats
     # every nested exit the guest caused, by reason (SDM Appendix C numbers, as L1 saw them)
     assert stats["exit_CPUID"] == 10
     for reason in ("IO_INSTRUCTION", "HLT", "MSR_READ", "CR_ACCESS", "EXCEPTION_NMI",
-                   "EXTERNAL_INTERRUPT", "TRIPLE_FAULT", "INVALID_STATE", "INTERRUPT_WINDOW", "INVD", "PREEMPTION_TIMER"):
+                   "EXTERNAL_INTERRUPT", "TRIPLE_FAULT", "INVALID_STATE", "INTERRUPT_WINDOW", "INVD", "PREEMPTION_TIMER",
+                   "INVEPT", "INVVPID"):
         assert stats[f"exit_{reason}"] >= 1, reason
+    assert stats["INVEPT"] == 8 and stats["INVVPID"] == 13   # in L1; two of the INVVPIDs fault (#GP, #SS)
 
 
 @needs_as
 def test_failed_entry_checks_are_traced_with_values():
     m, text, _ = _run("vmxtest")
     failed = [f for name, f in m.vm.trace_log if name == "kvm_nested_vmenter_failed"]
-    by_check = {f["check"]: f for f in failed}
+    by_check = {f["check"]: f for f in reversed(failed)}   # the first of each
     pin = by_check["pin-based controls allowed by IA32_VMX_TRUE_PINBASED_CTLS"]
     assert pin["source"] == "nested_check_vm_execution_controls"
     assert pin["values"]["pin"] & (1 << 20)
     host = by_check["host_cr0 satisfies IA32_VMX_CR0_FIXED0/1"]
     assert not host["values"]["host_cr0"] & (1 << 5)
     assert by_check["guest activity state is active or HLT"]["values"] == {"activity": 2}
+    assert by_check["enable VPID needs a VPID other than 0"]["source"] == "nested_check_vm_execution_controls"
+    memtype = by_check["EPTP memory type is UC or WB as IA32_VMX_EPT_VPID_CAP allows"]
+    assert memtype["source"] == "nested_vmx_check_eptp" and memtype["values"]["memtype"] == 1
+    assert by_check["EPTP reserved bits 11:7 and 63:MAXPHYADDR are 0"]["values"]["eptp"] & (1 << 7)
     exits = [f for name, f in m.vm.trace_log if name == "kvm_nested_vmexit"]
     assert {"reason": 0x80000021, "qual": 0, "vcpu": 0} in exits
 
@@ -99,11 +107,41 @@ def test_vmx_capability_msrs_are_consistent():
         low, high = msr[ctl] & 0xFFFFFFFF, msr[ctl] >> 32
         tlow, thigh = msr[true] & 0xFFFFFFFF, msr[true] >> 32
         assert low & ~high == 0 and tlow & ~low == 0 and thigh == high
-    # only the secondary controls that are implemented; no EPT or VPID yet
-    assert msr[X.IA32_VMX_PROCBASED_CTLS2] >> 32 == X.SEC_RDTSCP | X.SEC_WBINVD_EXITING | X.SEC_SHADOW_VMCS
-    assert msr[X.IA32_VMX_EPT_VPID_CAP] == 0
+    # only the secondary controls that are implemented
+    assert msr[X.IA32_VMX_PROCBASED_CTLS2] >> 32 == (X.SEC_EPT | X.SEC_RDTSCP | X.SEC_VPID | X.SEC_WBINVD_EXITING
+                                                     | X.SEC_UNRESTRICTED_GUEST | X.SEC_SHADOW_VMCS)
+    # 4-level EPT with WB/UC roots, 2M/1G pages, execute-only, A/D; every INVEPT and INVVPID type
+    assert msr[X.IA32_VMX_EPT_VPID_CAP] == 0x00000F0106334141
     assert msr[X.IA32_VMX_CR0_FIXED0] == 0x80000021 and msr[X.IA32_VMX_CR4_FIXED0] == 0x2000
     assert msr[X.IA32_VMX_CR4_FIXED1] & 0x2000
+
+
+_EPTP = 0x1000 | 6 | (3 << 3)   # WB, 4-level
+
+
+@pytest.mark.parametrize("eptp, check", [
+    (_EPTP, None),
+    (_EPTP | (1 << 6), None),                                          # A/D flags are offered
+    (_EPTP & ~7, None),                                                # UC
+    (_EPTP & ~7 | 1, "EPTP memory type is UC or WB as IA32_VMX_EPT_VPID_CAP allows"),
+    (_EPTP & ~7 | 7, "EPTP memory type is UC or WB as IA32_VMX_EPT_VPID_CAP allows"),
+    (_EPTP & ~0x38 | (4 << 3), "EPTP page-walk length is one IA32_VMX_EPT_VPID_CAP allows"),   # 5-level
+    (_EPTP & ~0x38, "EPTP page-walk length is one IA32_VMX_EPT_VPID_CAP allows"),
+    (_EPTP | (1 << 11), "EPTP reserved bits 11:7 and 63:MAXPHYADDR are 0"),
+    (_EPTP | (1 << 63), "EPTP reserved bits 11:7 and 63:MAXPHYADDR are 0"),
+])
+def test_eptp_checks(eptp, check):
+    caps = Kvm().create_vm().create_vcpu(0).nested.caps
+    failure = check_eptp(eptp, caps, 40)
+    assert (failure and failure.name) == check
+    if failure is not None:
+        assert failure.source == "nested_vmx_check_eptp" and failure.values["eptp"] == eptp
+
+
+def test_eptp_ad_needs_the_capability():
+    caps = Kvm().create_vm().create_vcpu(0).nested.caps
+    without_ad = dataclasses.replace(caps, ept_vpid=caps.ept_vpid & ~X.EPT_CAP_AD)
+    assert check_eptp(_EPTP | (1 << 6), without_ad, 40).name == "EPTP A/D enable needs EPT A/D flags in IA32_VMX_EPT_VPID_CAP"
 
 
 def test_vmx_msrs_absent_without_vmx():

@@ -114,6 +114,8 @@ ERR_TI = 1 << 2
 SEL_RPL_MASK = 3
 SEL_TI = 1 << 2
 SEL_INDEX_MASK = 0xFFF8
+# Segment register numbers, as ModRM's Sreg field and the VMX instruction information encode them
+SREG_ES, SREG_CS, SREG_SS, SREG_DS, SREG_FS, SREG_GS = range(6)
 
 # --- System descriptor / gate types, S = 0 (SDM 3.5 Table 3-2) ----------------------------
 # Legacy (32-bit) meanings; in IA-32e mode only the 64-bit types (LDT, TSS, call/int/trap) exist.

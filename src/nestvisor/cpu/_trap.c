@@ -15,6 +15,8 @@
  * runs, and asks for retranslation when the scan added sites to code already translated.
  * A third hook, on code fetch during translation, notices when a scanned page is
  * translated again (self-modifying or newly written code) so Python can rescan it.
+ * A fourth, on data accesses, is installed only while CR0.AM = 1, because any memory hook
+ * sends every access through unicorn's slow path: it raises #AC (nv_align_hook).
  *
  * No unicorn header is needed: the hook signatures are unicorn's public ABI.
  */
@@ -42,6 +44,7 @@ typedef int (*nv_py_site_fn)(uint64_t addr);
 typedef int (*nv_py_recheck_fn)(void);
 typedef int (*nv_py_count_fn)(uint64_t addr, uint32_t size);
 typedef int (*nv_reg_write_fn)(void *uc, int regid, const void *value);
+typedef void (*nv_raise_fn)(void *env, int vector, int error_code);
 
 #define NV_RECHECK_MAX 64
 
@@ -67,6 +70,17 @@ struct nv_trap {
     /* STI sites Python registered run natively (no callback) unless sti_watch is set: an
      * interrupt waits for the window STI opens */
     uint32_t sti_watch;
+    /* Alignment check, in nv_align_hook: QEMU's live CPU state (CPUX86State) with its hflags
+     * (CPL in bits 1:0) and eflags (AC is kept there, not in the lazily computed flags), and
+     * QEMU's raise_exception_err. Unicorn puts RIP back at the instruction before it calls a
+     * memory hook, so raising there abandons the access and reaches UC_HOOK_INTR exactly as
+     * a fault QEMU finds itself (#PF, #GP) does */
+    void *env;
+    const uint32_t *hflags;
+    const uint64_t *eflags;
+    nv_raise_fn raise_exception_err;
+    uint64_t ac_flag;
+    int32_t ac_vector;
     /* private */
     uint64_t last_page;
     uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
@@ -387,6 +401,21 @@ void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
     default:
         return;
     }
+}
+
+/* Data read or write, hooked only while CR0.AM = 1 (translations then call it for every
+ * access). SDM 6.15 "Interrupt 17": at CPL 3 with RFLAGS.AC = 1, a word, doubleword or
+ * quadword not aligned to its size is #AC(0), a fault (QEMU splits wider operands into
+ * accesses of these sizes, and the low 12 bits of the physical address are the linear
+ * address's). The size test comes first: it is the one that almost always says no. */
+void nv_align_hook(void *uc, int type, uint64_t addr, int size, int64_t value, struct nv_trap *t)
+{
+    (void)uc; (void)type; (void)value;
+    if (!(addr & (uint64_t)(size - 1)))
+        return;
+    if ((*t->hflags & 3) != 3 || !(*t->eflags & t->ac_flag))
+        return;
+    t->raise_exception_err(t->env, t->ac_vector, 0);
 }
 
 /* Code fetch from RAM (mapped without EXEC) during translation. Always allowed. */

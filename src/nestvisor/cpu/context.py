@@ -35,6 +35,10 @@ OFF_EXCEPTION_IS_INT = 5388
 OFF_EXCEPTION_NEXT_EIP = 5392
 OFF_DR = 5400
 OFF_OLD_EXCEPTION = 5496   # after dr[8] and the breakpoint/watchpoint pointer union
+# Where the live CPUX86State is, for native hooks that read it in place: struct uc_struct's
+# `cpu` (include/uc_priv.h), then CPUState's `env_ptr` (qemu/include/hw/core/cpu.h).
+OFF_UC_CPU = 0x1B8
+OFF_CPU_ENV_PTR = 0x128
 
 R_ES, R_CS, R_SS, R_DS, R_FS, R_GS = range(6)
 SEG_ORDER = ("es", "cs", "ss", "ds", "fs", "gs")
@@ -79,6 +83,16 @@ class CpuContext:
 
     def restore(self) -> None:
         uclib.uc_context_restore(self._uch, self._handle)
+
+    def live_address(self) -> int:
+        """The address of the instance's own CPUX86State, which save() copies. Checked
+        against a save, so a build with another layout fails here, not in a hook."""
+        cpu = c_p.from_address(self._uch.value + OFF_UC_CPU).value
+        env = c_p.from_address(cpu + OFF_CPU_ENV_PTR).value if cpu else None
+        self.save()
+        if not env or ctypes.string_at(env, OFF_EFER + 8) != bytes(self.mv[:OFF_EFER + 8]):
+            raise RuntimeError("unicorn's CPU state is not where context.OFF_UC_CPU/OFF_CPU_ENV_PTR say")
+        return env
 
     def u32(self, off: int) -> int:
         return _U32.unpack_from(self.mv, off)[0]

@@ -125,7 +125,7 @@ class _Ctx:
         # SDM 4.6: descriptor-table, TSS and ring-change stack accesses are implicit
         # supervisor accesses; SMAP honours AC for them only below CPL 3.
         if isinstance(mem, LinearMemory):
-            self.lin = LinearMemory(mem.phys, state, cpl=state.cpl, ac=ac, maxphyaddr=mem.maxphyaddr)
+            self.lin = LinearMemory(mem.phys, state, cpl=state.cpl, ac=ac, maxphyaddr=mem.maxphyaddr, walk=mem.walk)
         else:
             self.lin = LinearMemory(mem, state, cpl=state.cpl, ac=ac)
         self.vector = vector

@@ -19,9 +19,13 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_READ, UC_PROT_WRITE, Uc
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as X
 
+from nestvisor.arch.msr import EFER as MSR_EFER
+from nestvisor.arch.x86 import AC_VECTOR, CR0_AM, RFLAGS_AC
+
 from . import context as C
 from . import native as N
 from .decode import Insn, decode
+from .ept import Ept, EptFault
 from .faults import PageFault
 from .paging import translate
 from .sites import rescan, scan
@@ -37,6 +41,7 @@ DREGS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3,
          X.UC_X86_REG_DR6, X.UC_X86_REG_DR7)
 _CRS = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3, 4: X.UC_X86_REG_CR4, 8: X.UC_X86_REG_CR8}
 TOP = 0xFFFFFFFFFFFFFFFF
+_PAGING_REGS = (X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4, X.UC_X86_REG_CS)
 SCAN_CACHE_PAGES = 1024
 
 
@@ -48,6 +53,7 @@ class Stop(IntEnum):
     EXCEPTION = 3   # the CPU raised an exception or executed INT n: see `exception`
     UNMAPPED = 4    # access to guest-physical memory nothing backs: see `unmapped`
     HALTED = 5      # a HLT ran natively (only if a site was missed)
+    EPT = 6         # L2 under EPT: an access EPT refused, see `tlb_fault`
 
 
 @dataclass(slots=True)
@@ -81,6 +87,20 @@ class PhysMemory(Protocol):
 _DISASM = {16: capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_16),
            32: capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32),
            64: capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)}
+
+
+
+def _detailed(mode: int) -> capstone.Cs:
+    md = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    md.detail = True
+    return md
+
+
+_DETAIL = {16: _detailed(capstone.CS_MODE_16), 32: _detailed(capstone.CS_MODE_32), 64: _detailed(capstone.CS_MODE_64)}
+# capstone register ids -> unicorn register ids, for effective addresses
+_CS_REGS = {getattr(capstone.x86, "X86_REG_" + n): getattr(X, "UC_X86_REG_" + n)
+            for n in ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP", "R8", "R9", "R10", "R11", "R12",
+                      "R13", "R14", "R15", "EAX", "EBX", "ECX", "EDX", "ESI", "EDI", "EBP", "ESP")}
 
 # Vectors that push an error code (SDM 6.15).
 _ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
@@ -125,6 +145,14 @@ class ExecContext:
         self.trap.on_recheck = ctypes.cast(self._cb_recheck, N.c_p).value
         self._cb_count = N.COUNT_CB(self._on_count)
         self.trap.on_count = ctypes.cast(self._cb_count, N.c_p).value
+        env = self.ctx.live_address()
+        self.trap.env = env
+        self.trap.hflags = env + C.OFF_HFLAGS
+        self.trap.eflags = env + C.OFF_EFLAGS
+        self.trap.raise_exception_err = N.RAISE_EXCEPTION_ERR
+        self.trap.ac_flag = RFLAGS_AC
+        self.trap.ac_vector = AC_VECTOR
+        self._align_hook: int | None = None   # nv_align_hook's handle while CR0.AM = 1
         hh = ctypes.c_size_t()
         if N.hook_add_raw(self.h, ctypes.byref(hh), N.UC_HOOK_BLOCK, N.BLOCK_HOOK, self._tp, 1, 0):
             raise RuntimeError("uc_hook_add(block) failed")
@@ -144,6 +172,11 @@ class ExecContext:
         self._error: BaseException | None = None
         self.exception: RaisedException | None = None
         self.unmapped: UnmappedAccess | None = None
+        # L2 under EPT: unicorn's TLB is filled by the two-dimensional walk (use_ept)
+        self.ept: Ept | None = None
+        self.tlb_fault: EptFault | None = None
+        self._fill_fault: PageFault | EptFault | None = None
+        self._tlb_hooked = False
         self._u64 = ctypes.c_uint64()
         self._u64p = ctypes.byref(self._u64)
         self._batch_ids = (ctypes.c_int * 16)(*GPRS)
@@ -214,6 +247,27 @@ class ExecContext:
 
     def set_reg_cr(self, n: int, value: int) -> None:
         self.set_reg(_CRS[n], value)
+        if n == 0:
+            self._load_cr0_am(value)
+
+    def _load_cr0_am(self, cr0: int) -> None:
+        """Hook every data access for the alignment check while CR0.AM = 1, and none while
+        it is 0: a memory hook sends every access of code translated under it through
+        unicorn's slow path. Called wherever CR0 enters this context. Only outside run()."""
+        want = bool(cr0 & CR0_AM)
+        if want == (self._align_hook is not None):
+            return
+        if want:
+            hh = ctypes.c_size_t()
+            if N.hook_add_raw(self.h, ctypes.byref(hh), N.UC_HOOK_MEM_READ | N.UC_HOOK_MEM_WRITE,
+                              N.ALIGN_HOOK, self._tp, 1, 0):
+                raise RuntimeError("uc_hook_add(align) failed")
+            self._align_hook = hh.value
+        else:
+            N.uclib.uc_hook_del(self.h, self._align_hook)
+            self._align_hook = None
+        # whether an access calls memory hooks is decided when its code is translated
+        N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
 
     def read_batch(self, ids: tuple[int, ...]) -> list[int]:
         """Several registers in one call (the trap handlers' fast path)."""
@@ -271,6 +325,7 @@ class ExecContext:
         self.set_reg(RFLAGS, st.rflags)
         self.set_reg(RIP, st.rip)
         self.set_gpr(4, st.rsp)
+        self._load_cr0_am(st.cr0)
         if old_paging != (st.cr0, st.cr3, st.cr4, st.efer):
             self.flush_tlb()
 
@@ -326,7 +381,14 @@ class ExecContext:
         return cr[0], cr[3], cr[4], self.ctx.u64(C.OFF_EFER)
 
     def linear_to_phys(self, linear: int, *, write: bool = False, fetch: bool = False, user: bool = False) -> int:
+        """The physical address unicorn uses for `linear` (no flag updates); PageFault if none."""
         cr0, cr3, cr4, efer = self.paging_regs()
+        if self.ept is not None:
+            try:
+                return self.ept.translate_linear(linear, cr0, cr3, cr4, efer, write=write, fetch=fetch, user=user,
+                                                 set_ad=False)
+            except EptFault:
+                raise PageFault(linear, 0) from None
         return translate(self.mem, cr0, cr3, cr4, efer, linear, write=write, fetch=fetch, user=user, set_ad=False)
 
     def read_code(self, linear: int, size: int) -> bytes:
@@ -342,6 +404,46 @@ class ExecContext:
             linear += n
             size -= n
         return bytes(out)
+
+    def access_address(self, page: int, *, fetch: bool) -> int:
+        """The linear address in `page` that the instruction at RIP accesses: RIP itself for a
+        fetch, else its explicit memory operand; `page` when neither lies in it (an implicit
+        stack access, a string instruction's second operand)."""
+        st = self.get_state()
+        rip = (st.cs.base + st.rip) & TOP
+        if fetch:
+            return rip if rip & ~0xFFF == page else page
+        md = _DETAIL[self.code_bits()]
+        code = self.read_code(rip, 15)
+        for insn in md.disasm(code, st.rip, 1):
+            for o in insn.operands:
+                if o.type != capstone.x86.X86_OP_MEM:
+                    continue
+                m = o.mem
+                addr = m.disp
+                if m.base == capstone.x86.X86_REG_RIP:
+                    addr += st.rip + insn.size
+                elif m.base:
+                    addr += self.reg(_CS_REGS[m.base])
+                if m.index:
+                    addr += self.reg(_CS_REGS[m.index]) * m.scale
+                seg = {capstone.x86.X86_REG_FS: st.fs.base, capstone.x86.X86_REG_GS: st.gs.base}.get(m.segment, 0)
+                addr = (addr + seg) & (TOP if st.cs.l else 0xFFFFFFFF)
+                if addr & ~0xFFF == page:
+                    return addr
+        return page
+
+    def use_ept(self, ept: Ept | None) -> None:
+        """Translate through `ept` from now on (L2 with "enable EPT"), or let unicorn walk the
+        guest's page tables itself (None). Under EPT unicorn's TLB runs in UC_TLB_VIRTUAL
+        mode and every miss is filled by `Ept.fill`."""
+        if ept is not None and not self._tlb_hooked:
+            self.uc.hook_add(ucc.UC_HOOK_TLB_FILL, self._on_tlb_fill)
+            self._tlb_hooked = True
+        if (ept is None) != (self.ept is None):
+            self.uc.ctl_set_tlb_mode(ucc.UC_TLB_CPU if ept is None else ucc.UC_TLB_VIRTUAL)
+        self.ept = ept
+        self.flush_tlb()
 
     # ---- running ------------------------------------------------------------------------
 
@@ -371,6 +473,8 @@ class ExecContext:
         t.stop_reason = N.NV_STOP_NONE
         self.exception = None
         self.unmapped = None
+        self.tlb_fault = None
+        self._fill_fault = None
         self._error = None
 
     def _stopped(self, err: int, otherwise: Stop) -> Stop:
@@ -378,6 +482,13 @@ class ExecContext:
         if self._error is not None:
             e, self._error = self._error, None
             raise e
+        if err == ucc.UC_ERR_EXCEPTION and self._fill_fault is not None and self.trap.stop_reason == N.NV_STOP_NONE:
+            f, self._fill_fault = self._fill_fault, None
+            if isinstance(f, PageFault):
+                self.exception = RaisedException(14, f.error_code, False, 0, f.linear)
+            else:
+                self.tlb_fault = f
+                return Stop.EPT
         if self.exception is not None:
             return Stop.EXCEPTION
         if self.unmapped is not None:
@@ -548,6 +659,26 @@ class ExecContext:
     def _on_invalid(self, uc: Uc, data: object) -> bool:
         self.exception = RaisedException(6, None, False, 0)
         self.uc.emu_stop()
+        return True
+
+    def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: object, data: object) -> bool:
+        """UC_HOOK_TLB_FILL under EPT. A refused access stops emulation at the instruction
+        (unicorn ends the run with UC_ERR_EXCEPTION) and becomes a #PF of L2 or an EPT exit;
+        unicorn also probes its `until` address (TOP) when a run ends; that is not an access."""
+        ept = self.ept
+        if ept is None or vaddr == TOP & ~0xFFF:
+            return False
+        try:
+            cr0, cr3, cr4, cs = self.read_batch(_PAGING_REGS)
+            paddr, perms = ept.fill(vaddr, access, cr0, cr3, cr4, self.cpu_msr(MSR_EFER), cs & 3 == 3)
+        except (PageFault, EptFault) as f:
+            self._fill_fault = f
+            return False
+        except BaseException as e:  # noqa: BLE001
+            self._error = e
+            return False
+        entry.paddr = paddr
+        entry.perms = perms
         return True
 
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int, data: object) -> bool:

@@ -33,6 +33,8 @@ uclib.uc_context_save.argtypes = [c_p, c_p]
 uclib.uc_context_restore.argtypes = [c_p, c_p]
 uclib.uc_context_size.argtypes = [c_p]
 uclib.uc_context_size.restype = ctypes.c_size_t
+uclib.uc_hook_del.argtypes = [c_p, ctypes.c_size_t]
+uclib.uc_hook_del.restype = ctypes.c_int
 
 # uc_hook_add is variadic; code/memory hooks take exactly these seven arguments.
 _hook_add = uclib.uc_hook_add
@@ -49,6 +51,8 @@ CTL_TB_FLUSH = 10 | (1 << 30)
 UC_HOOK_CODE = 1 << 2
 UC_HOOK_BLOCK = 1 << 3
 UC_HOOK_MEM_FETCH_PROT = 1 << 9
+UC_HOOK_MEM_READ = 1 << 10
+UC_HOOK_MEM_WRITE = 1 << 11
 
 # action codes returned by Python site callbacks (enum nv_action in _trap.c)
 NV_CONTINUE, NV_HANDLED, NV_STOP_BEFORE, NV_HANDLED_STOP = 0, 1, 2, 3
@@ -80,6 +84,12 @@ class NvTrap(ctypes.Structure):
         ("fast_tsc", ctypes.c_uint32),
         ("tsc_base", c_u64),
         ("sti_watch", ctypes.c_uint32),
+        ("env", c_p),
+        ("hflags", c_p),
+        ("eflags", c_p),
+        ("raise_exception_err", c_p),
+        ("ac_flag", c_u64),
+        ("ac_vector", ctypes.c_int32),
     ]
 
 
@@ -108,5 +118,8 @@ traplib.nv_flush_counts.argtypes = [c_p]
 BLOCK_HOOK = ctypes.cast(traplib.nv_block_hook, c_p).value
 SITE_HOOK = ctypes.cast(traplib.nv_site_hook, c_p).value
 FETCH_HOOK = ctypes.cast(traplib.nv_fetch_hook, c_p).value
+ALIGN_HOOK = ctypes.cast(traplib.nv_align_hook, c_p).value
 EMU_STOP = ctypes.cast(uclib.uc_emu_stop, c_p).value
 REG_WRITE = ctypes.cast(uclib.uc_reg_write, c_p).value
+# QEMU's raise_exception_err (excp_helper.c), exported by libunicorn under its x86-64 name
+RAISE_EXCEPTION_ERR = ctypes.cast(uclib.raise_exception_err_x86_64, c_p).value

@@ -12,6 +12,7 @@ here a bad PDPTE is reported as a reserved-bit #PF instead.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from nestvisor.arch.x86 import (
@@ -133,12 +134,14 @@ def _walk32(mem: PhysMemory, cr0: int, cr3: int, cr4: int, linear: int, ec: int,
 
 def translate(mem: PhysMemory, cr0: int, cr3: int, cr4: int, efer: int, linear: int, *,
               write: bool = False, user: bool = False, fetch: bool = False, set_ad: bool = True,
-              ac: bool = False, maxphyaddr: int = 48) -> int:
+              ac: bool = False, maxphyaddr: int = 48, pdptes: Sequence[int] | None = None) -> int:
     """Translate `linear` to a guest-physical address or raise `PageFault`.
 
     `user` is True for a user-mode access (CPL 3, not an implicit supervisor access).
     `ac` is RFLAGS.AC as it matters for SMAP (SDM 4.6.1): pass False for implicit
     supervisor accesses made at CPL 3. The caller checks canonicality (a #GP/#SS, not a #PF).
+    `pdptes`: PAE paging's PDPTE registers when they did not come from memory at CR3 (a VM
+    entry with EPT loads them from the VMCS, SDM 27.3.2.4); else they are read at each walk.
 
     >>> translate(None, 0x10, 0, 0, 0, 0x1_2345_6789)   # paging off: identity, 32-bit
     591751049
@@ -166,8 +169,11 @@ def translate(mem: PhysMemory, cr0: int, cr3: int, cr4: int, efer: int, linear: 
     else:
         # PAE paging (SDM 4.4): bits 62:M reserved; PDPTE bits 2:1, 8:5, 63 reserved too.
         linear &= 0xFFFFFFFF
-        pdpte_addr = (cr3 & 0xFFFFFFE0) | ((linear >> 27) & 0x18)
-        pdpte = _U64.unpack(mem.read(pdpte_addr, 8))[0]
+        if pdptes is None:
+            pdpte_addr = (cr3 & 0xFFFFFFE0) | ((linear >> 27) & 0x18)
+            pdpte = _U64.unpack(mem.read(pdpte_addr, 8))[0]
+        else:
+            pdpte = pdptes[(linear >> 30) & 3]
         if not pdpte & PTE_P:
             raise PageFault(linear, ec)
         if pdpte & (_bits(1, 2) | _bits(5, 8) | _bits(maxphyaddr, 63)):
@@ -222,11 +228,15 @@ class LinearMemory:
     translated completely before any byte moves, so a fault leaves memory unchanged.
     """
 
-    __slots__ = ("phys", "cr0", "cr3", "cr4", "efer", "cpl", "ac", "maxphyaddr", "_long", "_la57")
+    __slots__ = ("phys", "walk", "cr0", "cr3", "cr4", "efer", "cpl", "ac", "maxphyaddr", "_long", "_la57")
 
     def __init__(self, phys: PhysMemory, regs: Any, cpl: int | None = None, *,
-                 ac: bool | None = None, maxphyaddr: int = 48) -> None:
+                 ac: bool | None = None, maxphyaddr: int = 48,
+                 walk: Callable[[int], PhysMemory] | None = None) -> None:
         self.phys = phys
+        # the memory the paging structures of a linear address are read from, when it is
+        # not `phys` (L2 under EPT: nestvisor.cpu.ept.Ept.walker)
+        self.walk = walk
         self.cr0 = regs.cr0
         self.cr3 = regs.cr3
         self.cr4 = regs.cr4
@@ -245,7 +255,8 @@ class LinearMemory:
                   fetch: bool = False) -> int:
         if user is None:
             user = self.cpl == 3
-        return translate(self.phys, self.cr0, self.cr3, self.cr4, self.efer, linear, write=write,
+        mem = self.phys if self.walk is None else self.walk(linear)
+        return translate(mem, self.cr0, self.cr3, self.cr4, self.efer, linear, write=write,
                          user=user, fetch=fetch, ac=self.ac, maxphyaddr=self.maxphyaddr)
 
     def _chunks(self, linear: int, size: int, write: bool, user: bool | None) -> list[tuple[int, int]]:

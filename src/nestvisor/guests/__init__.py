@@ -14,11 +14,13 @@ nestvisor.guests.build [NAME...]`` prints their paths):
     MSR round trips, RDTSC, CPUID, CR8/TPR, unassigned port reads, the local
     APIC (SPIV, ID, version, one-shot and periodic timer), fw_cfg NB_CPUS,
     and with 2+ CPUs an INIT/SIPI AP start (real mode -> long mode) and an
-    IPI round trip. Validated under QEMU TCG, which lacks six of the
+    IPI round trip, then the alignment check (#AC at CPL 3 with CR0.AM and
+    RFLAGS.AC). Validated under QEMU TCG, which lacks seven of the
     architectural checks: rdmsr_unknown, wrmsr_efer_reserved, cr0_nw,
-    cr0_pg_no_pe and pat_invalid fail there (no #GP), and cr4_reserved hangs
-    QEMU 7.2 TCG (run it with ``-append "-cr4_reserved"``). Unicorn lacks
-    the same checks, so on nestvisor these lines test the engine's own.
+    cr0_pg_no_pe and pat_invalid fail there (no #GP), alignment_check too
+    (no #AC), and cr4_reserved hangs QEMU 7.2 TCG (run it with
+    ``-append "-cr4_reserved"``). Unicorn lacks the same checks, so on
+    nestvisor these lines test the engine's own.
 
 ``demo``
     The workload behind ``nestvisor demo``: narrates port I/O, MSR and CR

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field, replace
 from ..arch import kvm_uapi as U
 from ..arch import msr as M
 from ..arch import vmx as VX
+from ..arch.ept import EPT_QUAL_FETCH
 from ..cpu import native as N
 from ..cpu.context import HF2_NMI, HF_INHIBIT_IRQ
 from ..cpu.decode import VMX_OPS, Insn, Op, decode
 from ..cpu.delivery import DeliveryUnsupported, EventKind, TripleFault, deliver_with_escalation
 from ..cpu.engine import DREGS, GPRS, ExecContext, Stop
+from ..cpu.ept import EptFault
 from ..cpu.faults import GuestFault, gp, ud
 from ..cpu.paging import LinearMemory
 from ..cpu.state import ArchState, DescTable, Segment, real_mode_segment
@@ -548,7 +550,12 @@ class Vcpu:
         if cr2 is not None:
             st.cr2 = cr2   # SDM 4.7: #PF loads CR2 with the faulting linear address
         try:
-            new = deliver_with_escalation(st, self.vm.phys, vector, kind, error_code, insn_len)
+            mem = self.vm.phys if self.ctx.ept is None else self.linear(st)
+            new = deliver_with_escalation(st, mem, vector, kind, error_code, insn_len)
+        except EptFault as f:
+            # delivery in L2 touched memory L1's EPT refuses (the IDT, the stack): exit to L1
+            self._ept_exit(f)
+            return None
         except DeliveryUnsupported as e:
             return Exit(U.KVM_EXIT_INTERNAL_ERROR, internal=InternalError(U.KVM_INTERNAL_ERROR_DELIVERY_EV, str(e)))
         if isinstance(new, TripleFault):
@@ -609,9 +616,24 @@ class Vcpu:
             return self._handle_exception()
         if stop == Stop.UNMAPPED:
             return self._mmio_exit()
+        if stop == Stop.EPT:
+            return self._ept_exit(self.ctx.tlb_fault)
         # a HLT the site scan missed ran natively; RIP is already past it
         self.mp_state = U.KVM_MP_STATE_HALTED
         return None
+
+    def _ept_exit(self, f: EptFault | None) -> None:
+        """An L2 access L1's EPT refused (SDM 29.3.3): a nested VM exit, exact to the byte
+        where the instruction tells the address."""
+        nested = self.nested
+        assert f is not None and nested is not None and nested.guest_mode
+        if f.linear is not None:
+            # unicorn asks for the page; the instruction at RIP tells the byte
+            exact = self.ctx.access_address(f.linear, fetch=bool(f.access & EPT_QUAL_FETCH))
+            if f.translated:
+                f.gpa += exact - f.linear
+            f.linear = exact
+        nested.vmexit(nested.ept_exit(f))
 
     def _handle_exception(self) -> Exit | None:
         e = self.ctx.exception
@@ -833,7 +855,7 @@ class Vcpu:
         if insn.crn == 3:
             self._check_cr3(value)
             self.ctx.set_reg_cr(3, value & ~(1 << 63))
-            self.ctx.flush_tlb()
+            self._paging_reloaded()
             return self._skip(insn)
         return None   # CR0/CR4 can change the mode: emulated outside the run
 
@@ -993,6 +1015,13 @@ class Vcpu:
             self._check_cr4(st, value)
             st.cr4 = value
         self.ctx.set_state(st)
+        self._paging_reloaded()
+
+    def _paging_reloaded(self) -> None:
+        """MOV to CR0/CR3/CR4: drop cached translations; with PAE paging the PDPTE registers
+        are reloaded from memory (SDM 4.4.1), which the walk under EPT then reads."""
+        if self.ctx.ept is not None:
+            self.ctx.ept.pdptes = None
         self.ctx.flush_tlb()
 
     def _check_cr4(self, st: ArchState, value: int) -> None:
@@ -1072,7 +1101,10 @@ class Vcpu:
 
     def linear(self, st: ArchState) -> LinearMemory:
         """Guest-linear memory under the paging state `st` (string I/O, VMX operands)."""
-        return LinearMemory(self.vm.phys, st, maxphyaddr=self.profile.maxphyaddr)
+        ept = self.ctx.ept
+        if ept is None:
+            return LinearMemory(self.vm.phys, st, maxphyaddr=self.profile.maxphyaddr)
+        return LinearMemory(ept.data(), st, maxphyaddr=self.profile.maxphyaddr, walk=ept.walker)
 
     def _complete_userspace(self) -> None:
         c, self._completion = self._completion, None

@@ -15,14 +15,21 @@
 .set SEL_DATA,   0x10
 .set SEL_CODE64, 0x18
 .set SEL_TSS,    0x28
+.set SEL_USER_DATA,   0x38 + 3      /* RPL 3: the selectors CPL-3 code runs with */
+.set SEL_USER_CODE64, 0x40 + 3
 
 /* Control register bits (SDM 2.5) */
 .set CR0_PE, 1 << 0
 .set CR0_NW, 1 << 29
 .set CR0_CD, 1 << 30
 .set CR0_WP, 1 << 16
+.set CR0_AM, 1 << 18
 .set CR0_PG, 1 << 31
 .set CR4_PAE, 1 << 5
+
+/* RFLAGS (SDM vol. 1, 3.4.3) */
+.set RFLAGS_FIXED, 1 << 1
+.set RFLAGS_AC,    1 << 18
 
 /* MSRs (SDM vol. 4) */
 .set MSR_APIC_BASE,      0x0000001B
@@ -37,6 +44,7 @@
 /* Page-table entry bits (SDM 4.5) */
 .set PTE_P,   1 << 0
 .set PTE_RW,  1 << 1
+.set PTE_US,  1 << 2
 .set PTE_PWT, 1 << 3
 .set PTE_PCD, 1 << 4
 .set PTE_PS,  1 << 7
@@ -87,6 +95,7 @@
 .set VEC_PONG,     0x51     /* AP -> BSP, sent by the ping handler */
 .set VEC_STI_WINDOW, 0x52   /* the selftest's sti; nop; cli check */
 .set VEC_SYSCALL,  0x80     /* int $0x80 */
+.set VEC_USER_RET, 0x81     /* int from CPL 3 back to the kernel (the selftest's run_user) */
 .set VEC_SPURIOUS, 0xFF
 
 /* AP start-up: the SIPI vector is the 4 KiB page number of the trampoline (SDM 8.4.4.1) */

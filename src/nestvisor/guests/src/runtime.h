@@ -6,7 +6,8 @@
  *
  *   - the multiboot v1 header and the 32-bit entry `start` (EAX=0x2BADB002,
  *     EBX=mbi, paging off), which records the entry state in boot_*;
- *   - a GDT (32-bit code, data, 64-bit code, 64-bit TSS with IST1),
+ *   - a GDT (32-bit code, data, 64-bit code, 64-bit TSS with IST1, and
+ *     ring-3 data and 64-bit code),
  *     identity page tables (first 1 GiB with 2 MiB pages, the region at
  *     2 MiB with 4 KiB pages holding a not-present and a read-only test
  *     page, and the 2 MiB page of the xAPIC), and the switch to long mode;
@@ -718,6 +719,8 @@ gdt:
     .quad 0                         /* 0x20 unused */
 gdt_tss:
     .quad 0, 0                      /* 0x28 64-bit TSS (16 bytes), written by setup_tss */
+    .quad 0x00CFF2000000FFFF        /* 0x38 data, DPL 3 */
+    .quad 0x00AFFA000000FFFF        /* 0x40 64-bit code, DPL 3 */
 gdt_end:
 
 /* lgdt reads a 32-bit base in 32-bit code and 64 bits in long mode */

@@ -60,6 +60,7 @@
     DEFTEST t_fw_cfg_cpus, fw_cfg_cpus, "fw_cfg NB_CPUS (0x05) reads 1..255"
     DEFTEST t_smp_ap_online, smp_ap_online, "AP 1 online in long mode after INIT/SIPI"
     DEFTEST t_smp_ipi, smp_ipi, "IPI round trip between 2 vCPUs (0x50 to AP, 0x51 back)"
+    DEFTEST t_alignment_check, alignment_check, "#AC(0) from a misaligned write only at CPL 3 with CR0.AM=1 and RFLAGS.AC=1"
     TESTS_END
 
 /* ------------------------------------------------------------------ */
@@ -611,6 +612,143 @@ t_smp_ipi:
     pop %rbx
     ret
 
+/* ------------------------------------------------------------------ */
+/* Alignment check */
+
+/* SDM 6.15 "Interrupt 17": with CR0.AM=1, RFLAGS.AC=1 and CPL 3, a quadword
+ * access that is not 8-byte aligned is #AC(0), a fault: RIP is the write's
+ * and nothing is written. Not at CPL 0, not with AC=0, not with CR0.AM=0. */
+t_alignment_check:
+    push %rbx
+    push %r12
+    call user_mode_on
+    mov %cr0, %r12
+    mov %r12, %rax
+    or $CR0_AM, %rax
+    mov %rax, %cr0
+    lea ac_buf + 4(%rip), %rbx
+    movq $0, (%rbx)
+    mov $RFLAGS_FIXED + RFLAGS_AC, %esi
+    call user_write
+    EXPECT_FAULT 17, 0
+    EXPECT_EQ (%rbx), $0
+    lea ac_buf + 8(%rip), %rbx      /* aligned */
+    mov $RFLAGS_FIXED + RFLAGS_AC, %esi
+    call user_write
+    EXPECT_NO_FAULT
+    EXPECT_EQ (%rbx), %rbx
+    lea ac_buf + 4(%rip), %rbx      /* AC=0 */
+    mov $RFLAGS_FIXED, %esi
+    call user_write
+    EXPECT_NO_FAULT
+    EXPECT_EQ (%rbx), %rbx
+    movq $0, (%rbx)                 /* CPL 0 */
+    pushfq
+    orq $RFLAGS_AC, (%rsp)
+    popfq
+    TRY mov %rbx, (%rbx)
+    pushfq
+    andq $~RFLAGS_AC, (%rsp)
+    popfq
+    EXPECT_NO_FAULT
+    EXPECT_EQ (%rbx), %rbx
+    and $~CR0_AM, %r12              /* CR0.AM=0 */
+    mov %r12, %cr0
+    movq $0, (%rbx)
+    mov $RFLAGS_FIXED + RFLAGS_AC, %esi
+    call user_write
+    EXPECT_NO_FAULT
+    EXPECT_EQ (%rbx), %rbx
+    call user_mode_off
+    pop %r12
+    pop %rbx
+    ret
+
+/* user_write(rbx = address, esi = RFLAGS): `mov %rbx, (%rbx)` at CPL 3, armed
+ * as TRY arms it, but from CPL 0: TRY's own bookkeeping is not aligned for
+ * CPL 3 with AC=1. */
+user_write:
+    call exc_reset
+    lea user_write_insn(%rip), %rax
+    mov %rax, try_start(%rip)
+    lea user_write_end(%rip), %rax
+    mov %rax, try_end(%rip)
+    movb $1, try_armed(%rip)
+    lea user_write_insn(%rip), %rdi
+    call run_user
+    movb $0, try_armed(%rip)
+    ret
+user_write_insn:
+    mov %rbx, (%rbx)
+user_write_end:
+    int $VEC_USER_RET
+
+/* CPL 3 may run the image: U=1 in the entries that map its 2 MiB (SDM 4.6.1),
+ * and int $VEC_USER_RET goes through a DPL-3 gate to user_return (SDM 6.12.1.1). */
+user_mode_on:
+    orq $PTE_US, pml4(%rip)
+    orq $PTE_US, pdpt(%rip)
+    orq $PTE_US, pd_low(%rip)
+    mov %cr3, %rax
+    mov %rax, %cr3
+    lea idt + VEC_USER_RET * 16(%rip), %rdi
+    lea user_return(%rip), %rax
+    mov %ax, (%rdi)
+    movw $SEL_CODE64, 2(%rdi)
+    movb $0, 4(%rdi)
+    movb $0xEE, 5(%rdi)             /* P=1, DPL=3, 64-bit interrupt gate */
+    shr $16, %rax
+    mov %ax, 6(%rdi)
+    shr $16, %rax
+    mov %eax, 8(%rdi)
+    movl $0, 12(%rdi)
+    ret
+
+user_mode_off:
+    andq $~PTE_US, pml4(%rip)
+    andq $~PTE_US, pdpt(%rip)
+    andq $~PTE_US, pd_low(%rip)
+    mov %cr3, %rax
+    mov %rax, %cr3
+    ret
+
+/* run_user(rdi = code, esi = RFLAGS): run code at CPL 3 until it does
+ * int $VEC_USER_RET. Exceptions from CPL 3 are delivered below this frame
+ * (TSS.RSP0, SDM 6.14.4); RSP0, RFLAGS and rbp, r12-r15 come back as they
+ * were, rbx is the code's argument. */
+run_user:
+    pushfq
+    push %rbp
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    pushq tss + 4(%rip)
+    mov %rsp, user_rsp(%rip)
+    mov %rsp, tss + 4(%rip)
+    push $SEL_USER_DATA
+    lea user_stack_top(%rip), %rax
+    push %rax
+    push %rsi
+    push $SEL_USER_CODE64
+    push %rdi
+    iretq
+user_return:
+    mov user_rsp(%rip), %rsp
+    mov $SEL_DATA, %eax             /* IRET to CPL 3 nulled them (SDM IRET) */
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %fs
+    mov %eax, %gs
+    popq tss + 4(%rip)
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbp
+    popfq
+    ret
+
     .section .rodata
 tap_title: .asciz "# nestvisor selftest\n"
 
@@ -618,3 +756,11 @@ tap_title: .asciz "# nestvisor selftest\n"
 gdtr_copy: .skip 10
 ncpus:     .long 0
 vendor:    .long 0, 0, 0, 0         /* 12 characters and a NUL */
+    .balign 16
+ac_buf:    .quad 0, 0, 0
+user_rsp:  .quad 0
+
+    .bss
+    .balign 16
+user_stack: .skip 256
+user_stack_top:

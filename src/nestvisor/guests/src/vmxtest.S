@@ -6,7 +6,8 @@
  * instructions' outcomes, VM-entry checks that fail each way the SDM says,
  * and L2 guests that exit to this L1 for CPUID, I/O, HLT, RDMSR through the
  * MSR bitmap, CR3 reads, VMCALL, exceptions in the exception bitmap,
- * external interrupts and triple faults, with event injection on entry.
+ * external interrupts, triple faults, INVEPT and INVVPID, with event
+ * injection on entry; INVEPT and INVVPID in L1 with good and bad operands.
  *
  * L2 shares L1's GDT, IDT and page tables and runs in 64-bit mode on its
  * own stack; its general registers are saved in l2_regs at every exit and
@@ -21,6 +22,16 @@
 .set VEC_INJECT, 0x33
 .set VEC_EXTINT, 0x34
 .set CPUID_EXITS, 10
+/* INVEPT and INVVPID types (SDM Vol. 2 "INVEPT", "INVVPID") */
+.set INVEPT_SINGLE, 1
+.set INVEPT_ALL, 2
+.set INVVPID_ADDR, 0
+.set INVVPID_SINGLE, 1
+.set INVVPID_ALL, 2
+.set INVVPID_SINGLE_KEEP_GLOBALS, 3
+.set EPTP_WB_4LEVEL, 6 | (3 << 3)     /* memory type WB, page-walk length 4 (SDM 25.6.11) */
+.set EPTP_AD, 1 << 6
+.set NONCANONICAL, 0x8000000000000000
 
     TESTS_BEGIN
     DEFTEST t_vmx_feature, vmx_feature, "CPUID.1:ECX.VMX and IA32_VMX_BASIC (revision 0x11e57ed0, TRUE controls)"
@@ -37,6 +48,10 @@
     DEFTEST t_entry_bad_control, entry_bad_control, "VM entry with a reserved pin-based control is VMfailValid(7)"
     DEFTEST t_entry_bad_host, entry_bad_host, "VM entry with HOST_CR0.NE=0 is VMfailValid(8)"
     DEFTEST t_entry_bad_guest, entry_bad_guest, "VM entry with activity state 2 fails with exit reason 0x80000021"
+    DEFTEST t_entry_vpid, entry_vpid, "VM entry with enable VPID: VPID 0 is VMfailValid(7), VPID 1 enters L2"
+    DEFTEST t_entry_bad_eptp, entry_bad_eptp, "VM entry with enable EPT and an EPTP of memory type 1 or reserved bit 7 is VMfailValid(7)"
+    DEFTEST t_invvpid, invvpid, "INVVPID: every type; VPID 0, VPID > 0xffff, a non-canonical address, type 4 are VMfailValid(28); #GP, #SS"
+    DEFTEST t_invept, invept, "INVEPT: single- and all-context; a bad EPTP, types 0 and 3 are VMfailValid(28)"
     DEFTEST t_l2_cpuid, l2_cpuid, "L2 CPUID exits to L1 10 times; L1's answers reach L2"
     DEFTEST t_l2_exits, l2_exits, "L2 exits for OUT, HLT, INVD, RDMSR (bitmap), MOV from CR3, VMCALL; not for RDMSR of PAT"
     DEFTEST t_l2_exception, l2_exception, "L2 #UD in the exception bitmap exits with interruption info 0x80000306"
@@ -46,12 +61,54 @@
     DEFTEST t_l2_intr_window, l2_intr_window, "interrupt-window exit right after the STI shadow (sti; nop; vmcall)"
     DEFTEST t_l2_preemption, l2_preemption, "VMX-preemption timer: an exit (reason 52) after the count, value saved as 0"
     DEFTEST t_shadow_vmcs, shadow_vmcs, "VMCS shadowing: L2's VMREAD/VMWRITE use the shadow VMCS; a bitmap bit makes VMREAD exit"
+    DEFTEST t_l2_invalidate, l2_invalidate, "L2's INVVPID and INVEPT exit (reasons 53, 50) with instruction information"
     DEFTEST t_l2_triple_fault, l2_triple_fault, "a triple fault in L2 exits to L1 (reason 2)"
     DEFTEST t_vmxoff, vmxoff, "VMXOFF leaves VMX operation; VMREAD is then #UD"
     TESTS_END
 
 .macro EXPECT_VMFLAGS want
     EXPECT_EQ vm_flags(%rip), $\want
+.endm
+
+/* MARK_VMERR: VMREAD of an unsupported field makes VM_INSTRUCTION_ERROR 12, so a later
+ * check sees whether an instruction that succeeded wrote it (rax, rbx clobbered) */
+.macro MARK_VMERR
+    mov $CR3_TARGET_VALUE0, %eax
+    vmread %rax, %rbx
+.endm
+
+/* INV_TRY insn, type, low, high: INVEPT or INVVPID of `type` on the descriptor {low, high}
+ * (bits 63:0, 127:64); vm_flags gets CF/ZF (rax, rbx clobbered) */
+.macro INV_TRY insn, type, low, high
+    mov \low, %rax
+    mov %rax, inv_desc(%rip)
+    mov \high, %rax
+    mov %rax, inv_desc+8(%rip)
+    mov \type, %rbx
+    \insn inv_desc(%rip), %rbx
+    SAVE_VMFLAGS
+.endm
+
+/* the last INVEPT/INVVPID succeeded and left VM_INSTRUCTION_ERROR alone (after MARK_VMERR) */
+.macro EXPECT_INV_OK
+    EXPECT_VMFLAGS 0
+    VMREAD_R VM_INSTRUCTION_ERROR, %rbx
+    EXPECT_EQ %rbx, $12
+.endm
+
+/* the last INVEPT/INVVPID was VMfailValid(invalid operand to INVEPT/INVVPID) */
+.macro EXPECT_INV_FAIL
+    EXPECT_VMFLAGS RFL_ZF
+    VMREAD_R VM_INSTRUCTION_ERROR, %rbx
+    EXPECT_EQ %rbx, $28
+.endm
+
+/* ENABLE_SECONDARY controls: activate the secondary controls with these bits */
+.macro ENABLE_SECONDARY controls
+    VMREAD_R CPU_BASED_CONTROLS, %rbx
+    bts $31, %rbx                     /* CPU_SECONDARY: 1 << 31 does not fit a sign-extended imm32 */
+    VMWRITE_I CPU_BASED_CONTROLS, %rbx
+    VMWRITE_I SECONDARY_CONTROLS, $\controls
 .endm
 
 /* ------------------------------------------------------------------ */
@@ -215,6 +272,112 @@ t_entry_bad_guest:
     EXPECT_EQ %rax, $-1
     VMREAD_R VM_INSTRUCTION_ERROR, %rbx
     EXPECT_EQ %rbx, $5
+    ret
+
+t_entry_vpid:
+    lea l2_vmcall(%rip), %rdi
+    call vmcs_setup
+    ENABLE_SECONDARY SEC_VPID
+    VMWRITE_I VIRTUAL_PROCESSOR_ID, $0    /* SDM 27.2.1.1: enable VPID needs a VPID other than 0 */
+    mov $1, %edi
+    call vm_enter
+    EXPECT_EQ %rax, $-1
+    EXPECT_VMFLAGS RFL_ZF
+    VMREAD_R VM_INSTRUCTION_ERROR, %rbx
+    EXPECT_EQ %rbx, $7
+    VMWRITE_I VIRTUAL_PROCESSOR_ID, $1
+    mov $1, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    ret
+
+t_entry_bad_eptp:
+    lea l2_vmcall(%rip), %rdi
+    call vmcs_setup
+    ENABLE_SECONDARY SEC_EPT
+    lea ept_pml4(%rip), %rbx
+    or $1 | (3 << 3), %rbx            /* memory type 1 (WC): not offered for EPT paging structures */
+    VMWRITE_I EPT_POINTER, %rbx
+    mov $1, %edi
+    call vm_enter
+    EXPECT_EQ %rax, $-1
+    EXPECT_VMFLAGS RFL_ZF
+    VMREAD_R VM_INSTRUCTION_ERROR, %rbx
+    EXPECT_EQ %rbx, $7
+    lea ept_pml4(%rip), %rbx
+    or $EPTP_WB_4LEVEL | (1 << 7), %rbx   /* bits 11:7 are reserved */
+    VMWRITE_I EPT_POINTER, %rbx
+    mov $1, %edi
+    call vm_enter
+    EXPECT_EQ %rax, $-1
+    VMREAD_R VM_INSTRUCTION_ERROR, %rbx
+    EXPECT_EQ %rbx, $7
+    ret
+
+t_invvpid:
+    lea l2_stack(%rip), %r12          /* a canonical linear address */
+    MARK_VMERR
+    INV_TRY invvpid, $INVVPID_ALL, $0, $0       /* all-context: VPID 0 is allowed */
+    EXPECT_INV_OK
+    INV_TRY invvpid, $INVVPID_ADDR, $1, %r12
+    EXPECT_INV_OK
+    INV_TRY invvpid, $INVVPID_SINGLE, $0xFFFF, $0
+    EXPECT_INV_OK
+    INV_TRY invvpid, $INVVPID_SINGLE_KEEP_GLOBALS, $1, $0
+    EXPECT_INV_OK
+    INV_TRY invvpid, $INVVPID_SINGLE, $0, $0
+    EXPECT_INV_FAIL
+    INV_TRY invvpid, $INVVPID_SINGLE_KEEP_GLOBALS, $0, $0
+    EXPECT_INV_FAIL
+    INV_TRY invvpid, $INVVPID_ADDR, $0, %r12
+    EXPECT_INV_FAIL
+    INV_TRY invvpid, $INVVPID_ADDR, $1, $NONCANONICAL
+    EXPECT_INV_FAIL
+    INV_TRY invvpid, $INVVPID_ALL, $0x10000, $0   /* descriptor bits 63:16 are reserved */
+    EXPECT_INV_FAIL
+    INV_TRY invvpid, $4, $1, $0
+    EXPECT_INV_FAIL
+    INV_TRY invvpid, $-1, $1, $0                  /* the type is all 64 bits of the register */
+    EXPECT_INV_FAIL
+    mov $NONCANONICAL, %rax
+    mov $INVVPID_ALL, %ebx
+    TRY invvpid (%rax), %rbx
+    EXPECT_FAULT 13, 0
+    mov $NONCANONICAL, %rax
+    sub %rsp, %rax                    /* RSP as the base: a stack reference */
+    TRY invvpid (%rsp,%rax,1), %rbx
+    EXPECT_FAULT 12, 0
+    ret
+
+t_invept:
+    lea ept_pml4(%rip), %r12
+    or $EPTP_WB_4LEVEL, %r12
+    MARK_VMERR
+    INV_TRY invept, $INVEPT_ALL, $0, $0
+    EXPECT_INV_OK
+    INV_TRY invept, $INVEPT_SINGLE, %r12, $0
+    EXPECT_INV_OK
+    mov %r12, %r13
+    or $EPTP_AD, %r13                 /* A/D flags are offered */
+    INV_TRY invept, $INVEPT_SINGLE, %r13, $0
+    EXPECT_INV_OK
+    mov %r12, %r13
+    xor $6 ^ 1, %r13                  /* memory type 1 */
+    INV_TRY invept, $INVEPT_SINGLE, %r13, $0
+    EXPECT_INV_FAIL
+    mov %r12, %r13
+    xor $(3 ^ 4) << 3, %r13           /* page-walk length 5: not offered */
+    INV_TRY invept, $INVEPT_SINGLE, %r13, $0
+    EXPECT_INV_FAIL
+    mov %r12, %r13
+    bts $52, %r13                     /* above MAXPHYADDR */
+    INV_TRY invept, $INVEPT_SINGLE, %r13, $0
+    EXPECT_INV_FAIL
+    INV_TRY invept, $0, %r12, $0
+    EXPECT_INV_FAIL
+    INV_TRY invept, $3, %r12, $0
+    EXPECT_INV_FAIL
     ret
 
 /* ------------------------------------------------------------------ */
@@ -482,6 +645,46 @@ t_shadow_vmcs:
     vmptrld vmcs_a_ptr(%rip)
     ret
 
+/* L2: INVVPID and INVEPT, which exit whatever their operands */
+l2_inv:
+    lea inv_desc(%rip), %rsi
+    xor %edi, %edi
+    mov $INVVPID_ALL, %ecx
+    invvpid (%rsi), %rcx
+    mov $INVEPT_ALL, %edx
+    invept 8(%rsi,%rdi,2), %rdx
+    vmcall
+    ud2
+
+t_l2_invalidate:
+    lea l2_inv(%rip), %rdi
+    call vmcs_setup
+    mov $1, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_INVVPID
+    /* SDM Table 28-14: reg2 RCX, base RSI, no index, DS, 64-bit address, scale 1 */
+    VMREAD_R VMX_INSTRUCTION_INFO, %rbx
+    EXPECT_EQ %rbx, $(1 << 28) | (6 << 23) | (1 << 22) | (3 << 15) | (2 << 7)
+    VMREAD_R EXIT_QUALIFICATION, %rbx
+    EXPECT_EQ %rbx, $0
+    call skip_l2_insn
+    xor %edi, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_INVEPT
+    /* reg2 RDX, base RSI, index RDI, DS, 64-bit address, scale 2; the displacement */
+    VMREAD_R VMX_INSTRUCTION_INFO, %rbx
+    EXPECT_EQ %rbx, $(2 << 28) | (6 << 23) | (7 << 18) | (3 << 15) | (2 << 7) | 1
+    VMREAD_R EXIT_QUALIFICATION, %rbx
+    EXPECT_EQ %rbx, $8
+    call skip_l2_insn
+    xor %edi, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    ret
+
 l2_no_idt:
     lidt zero_idt(%rip)
     ud2
@@ -514,6 +717,7 @@ shadow_ptr:   .quad shadow_vmcs
 vmptr_out:    .quad 0
 io_qual:      .quad 0
 cr_qual:      .quad 0
+inv_desc:     .quad 0, 0            /* an INVEPT/INVVPID descriptor */
 exit_log:     .skip 8 * 16
 zero_idt:     .word 0
               .quad 0
@@ -524,3 +728,4 @@ bad_vmcs:     .skip 4096
 shadow_vmcs:  .skip 4096
 vmread_bitmap:  .skip 4096
 vmwrite_bitmap: .skip 4096
+ept_pml4:     .skip 4096            /* only its address is used: no entry runs with EPT */

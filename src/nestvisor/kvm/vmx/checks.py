@@ -12,12 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from ...arch import ept as E
 from ...arch import vmx as X
 from ...arch.vmcs import VMCS12_REVISION
 from ..msr import canonical
 from .caps import VmxCaps
 
 _PAT_TYPES = frozenset((0, 1, 4, 5, 6, 7))
+# EPTP memory types and page-walk lengths (field values) with the capability bit offering each
+_EPTP_MEMTYPE_CAP = {E.MEMTYPE_UC: X.EPT_CAP_MEMTYPE_UC, E.MEMTYPE_WB: X.EPT_CAP_MEMTYPE_WB}
+_EPTP_WALK_CAP = {3 << E.EPTP_WALK_LENGTH_SHIFT: X.EPT_CAP_WALK_LENGTH_4,
+                  4 << E.EPTP_WALK_LENGTH_SHIFT: X.EPT_CAP_WALK_LENGTH_5}
 CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
 CR4_PAE, CR4_PCIDE, CR4_CET, CR4_LA57 = 1 << 5, 1 << 17, 1 << 23, 1 << 12
 EFER_LME, EFER_LMA = 1 << 8, 1 << 10
@@ -62,6 +67,22 @@ def _pat_valid(value: int) -> bool:
     return all((value >> (8 * i)) & 0xFF in _PAT_TYPES for i in range(8))
 
 
+def _eptp(eptp: int, caps: VmxCaps, maxphyaddr: int) -> None:
+    """KVM nested_vmx_check_eptp (SDM 25.6.11): a memory type and a page-walk length the
+    capability MSR offers, A/D flags only if offered, reserved bits 11:7 and 63:MAXPHYADDR 0."""
+    src = "nested_vmx_check_eptp"
+    memtype = eptp & E.EPTP_MEMTYPE_MASK
+    _cc(not caps.ept_vpid & _EPTP_MEMTYPE_CAP.get(memtype, 0),
+        "EPTP memory type is UC or WB as IA32_VMX_EPT_VPID_CAP allows", src, eptp=eptp, memtype=memtype)
+    walk = eptp & E.EPTP_WALK_LENGTH_MASK
+    _cc(not caps.ept_vpid & _EPTP_WALK_CAP.get(walk, 0), "EPTP page-walk length is one IA32_VMX_EPT_VPID_CAP allows",
+        src, eptp=eptp, walk_length=(walk >> E.EPTP_WALK_LENGTH_SHIFT) + 1)
+    _cc(bool(eptp >> maxphyaddr) or bool(eptp & E.EPTP_RESERVED_LOW),
+        "EPTP reserved bits 11:7 and 63:MAXPHYADDR are 0", src, eptp=eptp, maxphyaddr=maxphyaddr)
+    _cc(bool(eptp & E.EPTP_AD_ENABLE) and not caps.ept_vpid & X.EPT_CAP_AD,
+        "EPTP A/D enable needs EPT A/D flags in IA32_VMX_EPT_VPID_CAP", src, eptp=eptp)
+
+
 def _msr_list(v12: Mapping[str, int], count: str, addr: str, caps: VmxCaps, maxphyaddr: int, src: str) -> None:
     n, a = v12[count], v12[addr]
     if n == 0:
@@ -83,6 +104,8 @@ def _controls(v12: Mapping[str, int], caps: VmxCaps, maxphyaddr: int) -> None:
     if cpu & X.CPU_ACTIVATE_SECONDARY:
         _cc(not caps.proc2.allows(sec), "secondary controls allowed by IA32_VMX_PROCBASED_CTLS2", src,
             secondary=sec, high=caps.proc2.high)
+    _cc(bool(sec & X.SEC_UNRESTRICTED_GUEST) and not sec & X.SEC_EPT, "unrestricted guest needs enable EPT",
+        "SDM 27.2.1.1", secondary=sec)
     if sec & X.SEC_SHADOW_VMCS:
         for name in ("vmread_bitmap", "vmwrite_bitmap"):
             _cc(not page_address_valid(v12[name], maxphyaddr), f"{name} is a valid page address",
@@ -100,9 +123,12 @@ def _controls(v12: Mapping[str, int], caps: VmxCaps, maxphyaddr: int) -> None:
         "virtual NMIs need NMI exiting", "nested_vmx_check_nmi_controls", pin=pin)
     _cc(bool(cpu & X.CPU_NMI_WINDOW) and not pin & X.PIN_VIRTUAL_NMIS,
         "NMI-window exiting needs virtual NMIs", "nested_vmx_check_nmi_controls", cpu=cpu)
+    _cc(bool(sec & X.SEC_VPID) and not v12["virtual_processor_id"], "enable VPID needs a VPID other than 0", src)
     exit_ctl = v12["vm_exit_controls"]
     _cc(bool(exit_ctl & X.EXIT_SAVE_PREEMPTION_TIMER) and not pin & X.PIN_PREEMPTION_TIMER,
         "save-preemption-timer needs the preemption timer", src, exit=exit_ctl)
+    if sec & X.SEC_EPT:
+        _eptp(v12["ept_pointer"], caps, maxphyaddr)
     src = "nested_check_vm_exit_controls"
     _cc(not caps.true_exit.allows(exit_ctl), "VM-exit controls allowed by IA32_VMX_TRUE_EXIT_CTLS", src,
         exit=exit_ctl, low=caps.true_exit.low, high=caps.true_exit.high)
@@ -184,7 +210,10 @@ def _guest(v12: Mapping[str, int], caps: VmxCaps, run_pending: bool, maxphyaddr:
     entry = v12["vm_entry_controls"]
     ia32e = bool(entry & X.ENTRY_IA32E_MODE)
     cr0, cr4 = v12["guest_cr0"], v12["guest_cr4"]
-    _cc((cr0 & caps.cr0_fixed0) != caps.cr0_fixed0 or bool(cr0 >> 32),
+    urg = _unrestricted(v12)
+    # KVM nested_guest_cr0_valid: an unrestricted guest may clear PE and PG
+    fixed0 = caps.cr0_fixed0 & ~(CR0_PE | CR0_PG) if urg else caps.cr0_fixed0
+    _cc((cr0 & fixed0) != fixed0 or bool(cr0 >> 32),
         "guest_cr0 satisfies IA32_VMX_CR0_FIXED0/1", src, guest_cr0=cr0)
     if entry & X.ENTRY_LOAD_DEBUG_CONTROLS:
         _cc(bool(v12["guest_dr7"] >> 32), "guest_dr7 bits 63:32 are 0", src, guest_dr7=v12["guest_dr7"])
@@ -223,7 +252,7 @@ def _guest(v12: Mapping[str, int], caps: VmxCaps, run_pending: bool, maxphyaddr:
         activity=act)
     _cc(bool(v12["guest_cr3"] >> maxphyaddr), "guest_cr3 below MAXPHYADDR", "nested_vmx_load_cr3",
         guest_cr3=v12["guest_cr3"])
-    _segments(v12, ia32e)
+    _segments(v12, ia32e, urg)
     _rip_rflags_and_events(v12, ia32e)
 
 
@@ -233,16 +262,23 @@ def _g_ok(limit: int, ar: int) -> bool:
     return not ((limit & 0xFFF) != 0xFFF and g) and not (limit >> 20 and not g)
 
 
-def _segments(v12: Mapping[str, int], ia32e: bool) -> None:
-    """SDM 27.3.1.2 (no unrestricted guest, no virtual-8086 guest); the CPU performs these,
-    so a failure is a VM-entry failure exit with qualification 0."""
+def _unrestricted(v12: Mapping[str, int]) -> bool:
+    return bool(v12["cpu_based_vm_exec_control"] & X.CPU_ACTIVATE_SECONDARY
+                and v12["secondary_vm_exec_control"] & X.SEC_UNRESTRICTED_GUEST)
+
+
+def _segments(v12: Mapping[str, int], ia32e: bool, urg: bool) -> None:
+    """SDM 27.3.1.2 (not a virtual-8086 guest; `urg`: "unrestricted guest" relaxes the RPL
+    and DPL rules and allows a real-mode CS); the CPU performs these, so a failure is a
+    VM-entry failure exit with qualification 0."""
     src = "SDM 27.3.1.2"
     sel = {s: v12[f"guest_{s}_selector"] for s in ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")}
     ar = {s: v12[f"guest_{s}_ar_bytes"] for s in sel}
     usable = {s: not ar[s] & 0x10000 for s in sel}
     _cc(bool(sel["tr"] & 4), "guest TR selector has TI = 0", src, selector=sel["tr"])
     _cc(usable["ldtr"] and bool(sel["ldtr"] & 4), "guest LDTR selector has TI = 0", src, selector=sel["ldtr"])
-    _cc((sel["ss"] & 3) != (sel["cs"] & 3), "guest SS.RPL equals CS.RPL", src, ss=sel["ss"], cs=sel["cs"])
+    if not urg:
+        _cc((sel["ss"] & 3) != (sel["cs"] & 3), "guest SS.RPL equals CS.RPL", src, ss=sel["ss"], cs=sel["cs"])
     for s in ("tr", "fs", "gs") + (("ldtr",) if usable["ldtr"] else ()):
         _cc(not canonical(v12[f"guest_{s}_base"]), f"guest {s.upper()} base is canonical", src,
             base=v12[f"guest_{s}_base"])
@@ -251,10 +287,14 @@ def _segments(v12: Mapping[str, int], ia32e: bool) -> None:
             _cc(bool(v12[f"guest_{s}_base"] >> 32), f"guest {s.upper()} base bits 63:32 are 0", src,
                 base=v12[f"guest_{s}_base"])
     a = ar["cs"]
-    _cc((a & 0xF) not in (9, 11, 13, 15), "guest CS type is an accessed code segment", src, ar=a)
+    cs_types = (3, 9, 11, 13, 15) if urg else (9, 11, 13, 15)
+    _cc((a & 0xF) not in cs_types, "guest CS type is an accessed code segment (or, unrestricted, data)",
+        src, ar=a)
     _cc(not a & 0x10, "guest CS is a code or data segment (S = 1)", src, ar=a)
     ss_dpl = (ar["ss"] >> 5) & 3
-    if (a & 0xF) in (9, 11):
+    if (a & 0xF) == 3:
+        _cc((a >> 5) & 3 != 0, "guest CS of type 3 has DPL 0", src, ar=a)
+    elif (a & 0xF) in (9, 11):
         _cc((a >> 5) & 3 != ss_dpl, "guest non-conforming CS.DPL equals SS.DPL", src, cs_ar=a, ss_ar=ar["ss"])
     else:
         _cc((a >> 5) & 3 > ss_dpl, "guest conforming CS.DPL is at most SS.DPL", src, cs_ar=a, ss_ar=ar["ss"])
@@ -262,7 +302,10 @@ def _segments(v12: Mapping[str, int], ia32e: bool) -> None:
     _cc(ia32e and bool(a & (1 << 13)) and bool(a & (1 << 14)), "guest 64-bit CS has D/B = 0", src, ar=a)
     if usable["ss"]:
         _cc((ar["ss"] & 0xF) not in (3, 7), "guest SS type is a read/write data segment", src, ar=ar["ss"])
-    _cc(ss_dpl != sel["ss"] & 3, "guest SS.DPL equals SS.RPL", src, ss=sel["ss"], ar=ar["ss"])
+    if not urg:
+        _cc(ss_dpl != sel["ss"] & 3, "guest SS.DPL equals SS.RPL", src, ss=sel["ss"], ar=ar["ss"])
+    if not v12["guest_cr0"] & CR0_PE or (ar["cs"] & 0xF) == 3:
+        _cc(ss_dpl != 0, "guest SS.DPL is 0 in real mode or with a CS of type 3", src, ar=ar["ss"])
     for s in ("es", "cs", "ss", "ds", "fs", "gs"):
         if s != "cs" and not usable[s]:
             continue
@@ -272,7 +315,7 @@ def _segments(v12: Mapping[str, int], ia32e: bool) -> None:
             _cc(bool(a & 8) and not a & 2, f"guest {s.upper()} code segment is readable", src, ar=a)
             _cc(not a & 0x10, f"guest {s.upper()} is a code or data segment (S = 1)", src, ar=a)
             _cc(not a & 0x80, f"guest {s.upper()} is present", src, ar=a)
-            if (a & 0xF) < 12:
+            if (a & 0xF) < 12 and not urg:
                 _cc((a >> 5) & 3 < sel[s] & 3, f"guest {s.upper()}.DPL is at least its RPL", src, ar=a, selector=sel[s])
         _cc(bool(a & 0xF00) or bool(a >> 17), f"guest {s.upper()} access-rights reserved bits are 0", src, ar=a)
         _cc(not _g_ok(v12[f"guest_{s}_limit"], a), f"guest {s.upper()} limit agrees with G", src,
@@ -336,6 +379,11 @@ def check_controls(v12: Mapping[str, int], caps: VmxCaps, maxphyaddr: int) -> Ch
     return _run(_controls, v12, caps, maxphyaddr)
 
 
+def check_eptp(eptp: int, caps: VmxCaps, maxphyaddr: int) -> CheckFailure | None:
+    """KVM nested_vmx_check_eptp, for VM entry and for INVEPT's single-context descriptor."""
+    return _run(_eptp, eptp, caps, maxphyaddr)
+
+
 def check_host_state(v12: Mapping[str, int], caps: VmxCaps, maxphyaddr: int, l1_lma: bool) -> CheckFailure | None:
     """Failure means VMfailValid(8)."""
     return _run(_host, v12, caps, maxphyaddr, l1_lma)
@@ -352,18 +400,25 @@ def check_guest_state(v12: Mapping[str, int], caps: VmxCaps, run_pending: bool, 
     return f, qual
 
 
+def _has_ept(v12: Mapping[str, int]) -> bool:
+    return bool(v12["cpu_based_vm_exec_control"] & X.CPU_ACTIVATE_SECONDARY
+                and v12["secondary_vm_exec_control"] & X.SEC_EPT)
+
+
 def check_pdptes(v12: Mapping[str, int], maxphyaddr: int,
                  read_u64: Callable[[int], int | None]) -> CheckFailure | None:
     """KVM nested_vmx_load_cr3 -> load_pdptrs: with PAE paging (not IA-32e), each present
-    PDPTE read through guest CR3 has no reserved bit set (SDM 4.4.1). Failure: a VM-entry
+    PDPTE has no reserved bit set (SDM 4.4.1); with "enable EPT" they are the VMCS's
+    GUEST_PDPTRn fields (SDM 27.3.1.6), else read through guest CR3. Failure: a VM-entry
     failure exit with qualification ENTRY_FAIL_PDPTE."""
     cr0, cr4 = v12["guest_cr0"], v12["guest_cr4"]
     if not cr0 & CR0_PG or not cr4 & CR4_PAE or v12["vm_entry_controls"] & X.ENTRY_IA32E_MODE:
         return None
     reserved = (((1 << 64) - 1) >> maxphyaddr << maxphyaddr) | 0x1E6   # 63:MAXPHYADDR, 8:5, 2:1
     base = v12["guest_cr3"] & 0xFFFFFFE0
+    from_vmcs = _has_ept(v12)
     for i in range(4):
-        pdpte = read_u64(base + 8 * i)
+        pdpte = v12[f"guest_pdptr{i}"] if from_vmcs else read_u64(base + 8 * i)
         if pdpte is None or (pdpte & 1 and pdpte & reserved):
             return CheckFailure("guest PDPTEs have no reserved bits set (PAE paging)", "load_pdptrs",
                                 {"index": i, "pdpte": pdpte or 0})

@@ -18,16 +18,20 @@ from typing import TYPE_CHECKING
 from ...arch import msr as M
 from ...arch import vmcs as V
 from ...arch import vmx as X
-from ...cpu.context import HF2_NMI, HF_CS64, HF_INHIBIT_IRQ
+from ...arch.x86 import CR0_PG, CR4_LA57, CR4_PAE, RFLAGS_VM, SREG_SS
+from ...cpu.context import HF2_NMI, HF_CS64, HF_INHIBIT_IRQ, HF_LMA
 from ...cpu.decode import Insn, Op
 from ...cpu.engine import DREGS, ExecContext
+from ...cpu.ept import Ept, EptFault, EptViolation
 from ...cpu.faults import GuestFault, gp, ud
+from ...cpu.paging import is_canonical
 from ...cpu.state import SEG_P, ArchState, DescTable, Segment
 from .. import msr as msrs
 from .caps import PREEMPTION_TIMER_RATE, VmxCaps, nested_vmx_caps
 from .checks import (
     CheckFailure,
     check_controls,
+    check_eptp,
     check_guest_state,
     check_host_state,
     check_pdptes,
@@ -45,6 +49,7 @@ CR4_VMXE = 1 << 13
 RFLAGS_IF = 1 << 9
 _U32 = struct.Struct("<I")
 _MSR_ENTRY = struct.Struct("<IIQ")   # SDM 25.7.2 Table 25-15: index, reserved, data
+_DESCRIPTOR = struct.Struct("<QQ")   # SDM "INVEPT"/"INVVPID": the 128-bit descriptor
 
 # MSRs whose values VMX does not switch: L2 sees L1's (they live in each execution context).
 _SHARED_CPU_MSRS = (M.STAR, M.LSTAR, M.CSTAR, M.SFMASK, M.KERNEL_GS_BASE)
@@ -75,6 +80,8 @@ class ExitInfo:
     intr_error_code: int = 0
     insn_len: int = 0
     insn_info: int = 0
+    gpa: int | None = None      # EPT violation/misconfiguration: guest-physical address
+    linear: int | None = None   # EPT violation with a valid linear address
 
 
 def ar_from_segment(s: Segment) -> int:
@@ -200,7 +207,7 @@ class NestedVmx:
         self.stats[insn.op.name] += 1
         handler = _HANDLERS.get(insn.op)
         if handler is None:
-            raise ud()   # VMFUNC, INVEPT, INVVPID: not advertised (SDM: #UD when not supported)
+            raise ud()   # VMFUNC: not advertised (SDM: #UD when not supported)
         handler(self, insn)
 
     def _vmxon(self, insn: Insn) -> None:
@@ -375,6 +382,77 @@ class NestedVmx:
     def _vmresume(self, insn: Insn) -> None:
         self.nested_vmx_run(insn, launch=False)
 
+    def _invalidation_operands(self, insn: Insn, type_caps: Mapping[int, int]) -> tuple[int, int, int] | None:
+        """INVEPT/INVVPID after the permission checks: (type, descriptor bits 63:0, bits
+        127:64), or None after VMfailValid(28) for a type IA32_VMX_EPT_VPID_CAP does not offer.
+        As KVM handle_invept/handle_invvpid: the type (32 bits outside 64-bit mode) is checked
+        before the descriptor is read; reading it can fault."""
+        hf = self.v.ctx.hflags()
+        if (hf & HF_LMA and not hf & HF_CS64) or self.v.ctx.rflags & RFLAGS_VM:
+            raise ud()   # SDM "INVEPT"/"INVVPID": #UD in compatibility and virtual-8086 mode
+        kind = self._field_operand(insn, self._check_permission())
+        if not self.caps.ept_vpid & type_caps.get(kind, 0):
+            self._fail(X.VMXERR_INVALID_OPERAND_TO_INVEPT_INVVPID)
+            self._done(insn)
+            return None
+        st = self.v.ctx.get_state()
+        m = insn.mem
+        assert m is not None   # the decoder takes only the memory form
+        try:
+            data = self.v.linear(st).read(self._operand_address(insn, st), _DESCRIPTOR.size)
+        except GuestFault as f:
+            if f.vector == 13 and m.seg == SREG_SS:
+                raise GuestFault(12, 0) from None   # SDM 6.3.1: a non-canonical stack reference is #SS(0)
+            raise
+        low, high = _DESCRIPTOR.unpack(data)
+        return kind, low, high
+
+    def _flush_l2_tlb(self) -> None:
+        """L2's cached translations live in its execution context, one TLB for every VPID and
+        EPTP: flush all of it, more than the type asks, which the SDM allows ("Operations that
+        Need Not Invalidate Cached Mappings": a processor may invalidate any at any time)."""
+        if self.ctx02 is not None:
+            self.ctx02.flush_tlb()
+
+    def _invept(self, insn: Insn) -> None:
+        """KVM handle_invept."""
+        if not self.caps.proc2.high & X.SEC_EPT or not self.caps.ept_vpid & X.EPT_CAP_INVEPT:
+            raise ud()   # KVM handle_invept: INVEPT needs "enable EPT" and INVEPT advertised
+        ops = self._invalidation_operands(insn, X.INVEPT_TYPE_CAP)
+        if ops is None:
+            return
+        kind, eptp, _ = ops
+        if kind == X.INVEPT_SINGLE_CONTEXT:
+            failure = check_eptp(eptp, self.caps, self.maxphyaddr)
+            if failure is not None:
+                # KVM's CC() in nested_vmx_check_eptp traces under this name from INVEPT too
+                self._trace("kvm_nested_vmenter_failed", check=failure.name, source=failure.source,
+                            values=failure.values)
+                self._fail(X.VMXERR_INVALID_OPERAND_TO_INVEPT_INVVPID)
+                return self._done(insn)
+        self._flush_l2_tlb()
+        self._succeed()
+        self._done(insn)
+
+    def _invvpid(self, insn: Insn) -> None:
+        """KVM handle_invvpid."""
+        if not self.caps.proc2.high & X.SEC_VPID or not self.caps.ept_vpid & X.VPID_CAP_INVVPID:
+            raise ud()   # KVM handle_invvpid: INVVPID needs "enable VPID" and INVVPID advertised
+        ops = self._invalidation_operands(insn, X.INVVPID_TYPE_CAP)
+        if ops is None:
+            return
+        kind, vpid, linear = ops
+        la57 = bool(self.v.ctx.reg_cr(4) & CR4_LA57)
+        # KVM handle_invvpid: VPID bits 63:16 reserved; only all-context takes VPID 0; an
+        # individual address must be canonical (is_noncanonical_invlpg_address)
+        if vpid > X.VPID_MAX or (vpid == 0 and kind != X.INVVPID_ALL_CONTEXT) or \
+                (kind == X.INVVPID_INDIVIDUAL_ADDR and not is_canonical(linear, la57)):
+            self._fail(X.VMXERR_INVALID_OPERAND_TO_INVEPT_INVVPID)
+            return self._done(insn)
+        self._flush_l2_tlb()
+        self._succeed()
+        self._done(insn)
+
     # ---- vmcs12 lifetime ----------------------------------------------------------------------
 
     def release_vmcs12(self) -> None:
@@ -480,12 +558,37 @@ class NestedVmx:
             self.preemption_deadline = self.v.now() + (v12["vmx_preemption_timer_value"] << PREEMPTION_TIMER_RATE)
         self.guest_mode = True
         self.need_rare_sync = False
+        sec = v12["secondary_vm_exec_control"] if cpu & X.CPU_ACTIVATE_SECONDARY else 0
+        self._load_ept(l2, v12 if sec & X.SEC_EPT else None)
         self.v.switch_context(l2)
         # KVM nested_vmx_run: HLT activity halts at once unless an event is injected or an
         # interrupt window (with IF=1) would end the halt
         if v12["guest_activity_state"] == X.ACTIVITY_HLT and not v12["vm_entry_intr_info_field"] & X.INTR_INFO_VALID \
                 and not (cpu & X.CPU_INTR_WINDOW and v12["guest_rflags"] & RFLAGS_IF):
             self.v.halt_in_guest()
+
+    def _load_ept(self, l2: ExecContext, v12: Mapping[str, int] | None) -> None:
+        """KVM nested_ept_init_mmu_context: with "enable EPT" (`v12` given), L2's guest-physical
+        addresses go through L1's EPT (SDM 29.3); without it L2 shares L1's guest-physical
+        space. With EPT and PAE paging the PDPTEs come from the VMCS (SDM 27.3.2.4)."""
+        if v12 is None:
+            if l2.ept is not None:
+                l2.use_ept(None)
+            return
+        eptp = v12["ept_pointer"]
+        if l2.ept is None or l2.ept.eptp != eptp:
+            l2.use_ept(Ept(self.v.vm.phys, eptp, self.maxphyaddr,
+                           exec_only=bool(self.caps.ept_vpid & X.EPT_CAP_EXECUTE_ONLY)))
+        assert l2.ept is not None
+        pae = v12["guest_cr0"] & CR0_PG and v12["guest_cr4"] & CR4_PAE and not v12["vm_entry_controls"] & X.ENTRY_IA32E_MODE
+        l2.ept.pdptes = tuple(v12[f"guest_pdptr{i}"] for i in range(4)) if pae else None
+
+    def ept_exit(self, f: EptFault) -> ExitInfo:
+        """SDM 28.2.1: an EPT violation (reason 48, qualification per Table 28-7) or an EPT
+        misconfiguration (reason 49); both report the guest-physical address."""
+        if isinstance(f, EptViolation):
+            return ExitInfo(X.EXIT["EPT_VIOLATION"], qualification=f.qualification, gpa=f.gpa, linear=f.linear)
+        return ExitInfo(X.EXIT["EPT_MISCONFIG"], gpa=f.gpa)
 
     def _load_vmcs02(self, v12: dict[str, int], l1: ExecContext, l2: ExecContext, gprs: list[int]) -> None:
         """Every guest-state field of vmcs12 into the L2 context (KVM prepare_vmcs02 with
@@ -871,6 +974,10 @@ class NestedVmx:
         v12["vm_exit_instruction_len"] = e.insn_len
         v12["vmx_instruction_info"] = e.insn_info
         v12["idt_vectoring_info_field"] = 0
+        if e.gpa is not None:
+            v12["guest_physical_address"] = e.gpa
+        if e.linear is not None:
+            v12["guest_linear_address"] = e.linear
         v12.launch_state = 1
         v12["vm_entry_intr_info_field"] = v12["vm_entry_intr_info_field"] & ~X.INTR_INFO_VALID
         copied += 8
@@ -918,11 +1025,29 @@ class NestedVmx:
         if exit_ctl & X.EXIT_SAVE_IA32_PAT:
             v12["guest_ia32_pat"] = l2.cpu_msr(M.IA32_PAT)
             n += 1
+        if l2.ept is not None and st.cr0 & CR0_PG and st.cr4 & CR4_PAE and not st.efer & EFER_LMA:
+            # KVM sync_vmcs02_to_vmcs12: with EPT, PAE paging's PDPTE registers go to vmcs12
+            pdptes = l2.ept.pdptes or self._pdptes_from_memory(l2.ept, st.cr3)
+            for i, pdpte in enumerate(pdptes):
+                v12[f"guest_pdptr{i}"] = pdpte
+            n += 4
         if self.preemption_deadline is not None and exit_ctl & X.EXIT_SAVE_PREEMPTION_TIMER:
             left = max(0, self.preemption_deadline - self.v.now())
             v12["vmx_preemption_timer_value"] = left >> PREEMPTION_TIMER_RATE
             n += 1
         return n
+
+    @staticmethod
+    def _pdptes_from_memory(ept: Ept, cr3: int) -> tuple[int, ...]:
+        """The PDPTEs L2's last MOV to CR3 loaded (SDM 4.4.1), through EPT; 0 where EPT
+        refuses the read."""
+        out = []
+        for i in range(4):
+            try:
+                out.append(struct.unpack("<Q", ept.data().read((cr3 & 0xFFFFFFE0) + 8 * i, 8))[0])
+            except EptFault:
+                out.append(0)
+        return tuple(out)
 
     def preemption_timer_expired(self) -> bool:
         return self.preemption_deadline is not None and self.v.now() >= self.preemption_deadline
@@ -1027,4 +1152,6 @@ _HANDLERS = {
     Op.VMWRITE: NestedVmx._vmwrite,
     Op.VMLAUNCH: NestedVmx._vmlaunch,
     Op.VMRESUME: NestedVmx._vmresume,
+    Op.INVEPT: NestedVmx._invept,
+    Op.INVVPID: NestedVmx._invvpid,
 }
