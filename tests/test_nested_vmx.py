@@ -15,6 +15,7 @@ from nestvisor.cpu.decode import Op, decode
 from nestvisor.guests import tap
 from nestvisor.guests.build import build
 from nestvisor.kvm.vmx.checks import check_eptp
+from nestvisor.kvm.vmx.nested import NestedVmx
 from nestvisor.kvm.vmx.vmcs12 import Vmcs12
 from nestvisor.platform.machine import Machine
 
@@ -146,7 +147,7 @@ def test_eptp_ad_needs_the_capability():
 
 def test_vmx_msrs_absent_without_vmx():
     vcpu = Kvm(profile="svm").create_vm().create_vcpu(0)
-    assert vcpu.nested is None
+    assert not isinstance(vcpu.nested, NestedVmx)
     assert vcpu.get_msrs([X.IA32_VMX_BASIC]) == {}
 
 

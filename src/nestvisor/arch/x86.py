@@ -104,6 +104,10 @@ PFERR_I = 1 << 4
 PFERR_PK = 1 << 5
 PFERR_SS = 1 << 6
 PFERR_SGX = 1 << 15
+# AMD nested page faults (KVM PFERR_GUEST_FINAL_MASK / PFERR_GUEST_PAGE_MASK, APM 15.25.6):
+# the fault was on the final guest-physical address, or on a guest page-table access
+PFERR_GUEST_FINAL = 1 << 32
+PFERR_GUEST_PAGE = 1 << 33
 
 # --- Selector error code (SDM 6.13 "Error Code", Figure 6-6) ------------------------------
 ERR_EXT = 1 << 0

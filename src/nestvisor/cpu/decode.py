@@ -49,6 +49,15 @@ class Op(IntEnum):
     VMWRITE = 30
     INVEPT = 31
     INVVPID = 32
+    # SVM instructions: #UD in the substrate (its EFER.SVME stays 0), decoded at their sites
+    VMRUN = 40
+    VMMCALL = 41
+    VMLOAD = 42
+    VMSAVE = 43
+    STGI = 44
+    CLGI = 45
+    SKINIT = 46
+    INVLPGA = 47
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +224,8 @@ def _decode(code: bytes, bits: int) -> Insn | None:
         modrm = code[i]
         if modrm in _VMX_0F01:
             return Insn(_VMX_0F01[modrm], i + 1)
+        if modrm in _SVM_0F01:
+            return Insn(_SVM_0F01[modrm], i + 1)
         if modrm == 0xD1:
             return Insn(Op.XSETBV, i + 1)
         if modrm == 0xF9:
@@ -262,5 +273,9 @@ def _decode(code: bytes, bits: int) -> Insn | None:
 
 # SDM "VMCALL", "VMLAUNCH/VMRESUME", "VMXOFF", "VMFUNC": 0F 01 C1..C4, D4
 _VMX_0F01 = {0xC1: Op.VMCALL, 0xC2: Op.VMLAUNCH, 0xC3: Op.VMRESUME, 0xC4: Op.VMXOFF, 0xD4: Op.VMFUNC}
+# APM vol. 3 "VMRUN" .. "INVLPGA": 0F 01 D8..DF
+_SVM_0F01 = {0xD8: Op.VMRUN, 0xD9: Op.VMMCALL, 0xDA: Op.VMLOAD, 0xDB: Op.VMSAVE, 0xDC: Op.STGI, 0xDD: Op.CLGI,
+             0xDE: Op.SKINIT, 0xDF: Op.INVLPGA}
+SVM_OPS = frozenset(_SVM_0F01.values())
 VMX_OPS = frozenset((Op.VMCALL, Op.VMLAUNCH, Op.VMRESUME, Op.VMXOFF, Op.VMFUNC, Op.VMPTRLD, Op.VMCLEAR,
                      Op.VMXON, Op.VMPTRST, Op.VMREAD, Op.VMWRITE, Op.INVEPT, Op.INVVPID))

@@ -25,11 +25,11 @@ from nestvisor.arch.x86 import AC_VECTOR, CR0_AM, RFLAGS_AC
 from . import context as C
 from . import native as N
 from .decode import Insn, decode
-from .ept import Ept, EptFault
 from .faults import PageFault
 from .paging import translate
 from .sites import rescan, scan
 from .state import ArchState
+from .tdp import TdpFault, TwoDimensional
 
 GPRS = (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX,
         X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
@@ -53,7 +53,7 @@ class Stop(IntEnum):
     EXCEPTION = 3   # the CPU raised an exception or executed INT n: see `exception`
     UNMAPPED = 4    # access to guest-physical memory nothing backs: see `unmapped`
     HALTED = 5      # a HLT ran natively (only if a site was missed)
-    EPT = 6         # L2 under EPT: an access EPT refused, see `tlb_fault`
+    TDP = 6         # L2 under EPT/NPT: an access the second level refused, see `tlb_fault`
 
 
 @dataclass(slots=True)
@@ -172,10 +172,10 @@ class ExecContext:
         self._error: BaseException | None = None
         self.exception: RaisedException | None = None
         self.unmapped: UnmappedAccess | None = None
-        # L2 under EPT: unicorn's TLB is filled by the two-dimensional walk (use_ept)
-        self.ept: Ept | None = None
-        self.tlb_fault: EptFault | None = None
-        self._fill_fault: PageFault | EptFault | None = None
+        # L2 under EPT/NPT: unicorn's TLB is filled by the two-dimensional walk (use_tdp)
+        self.tdp: TwoDimensional | None = None
+        self.tlb_fault: TdpFault | None = None
+        self._fill_fault: PageFault | TdpFault | None = None
         self._tlb_hooked = False
         self._u64 = ctypes.c_uint64()
         self._u64p = ctypes.byref(self._u64)
@@ -383,11 +383,11 @@ class ExecContext:
     def linear_to_phys(self, linear: int, *, write: bool = False, fetch: bool = False, user: bool = False) -> int:
         """The physical address unicorn uses for `linear` (no flag updates); PageFault if none."""
         cr0, cr3, cr4, efer = self.paging_regs()
-        if self.ept is not None:
+        if self.tdp is not None:
             try:
-                return self.ept.translate_linear(linear, cr0, cr3, cr4, efer, write=write, fetch=fetch, user=user,
+                return self.tdp.translate_linear(linear, cr0, cr3, cr4, efer, write=write, fetch=fetch, user=user,
                                                  set_ad=False)
-            except EptFault:
+            except TdpFault:
                 raise PageFault(linear, 0) from None
         return translate(self.mem, cr0, cr3, cr4, efer, linear, write=write, fetch=fetch, user=user, set_ad=False)
 
@@ -433,16 +433,16 @@ class ExecContext:
                     return addr
         return page
 
-    def use_ept(self, ept: Ept | None) -> None:
-        """Translate through `ept` from now on (L2 with "enable EPT"), or let unicorn walk the
-        guest's page tables itself (None). Under EPT unicorn's TLB runs in UC_TLB_VIRTUAL
-        mode and every miss is filled by `Ept.fill`."""
-        if ept is not None and not self._tlb_hooked:
+    def use_tdp(self, tdp: TwoDimensional | None) -> None:
+        """Translate through the second level `tdp` from now on (L2 under EPT or NPT), or let
+        unicorn walk the guest's page tables itself (None). Under a second level unicorn's
+        TLB runs in UC_TLB_VIRTUAL mode and every miss is filled by `TwoDimensional.fill`."""
+        if tdp is not None and not self._tlb_hooked:
             self.uc.hook_add(ucc.UC_HOOK_TLB_FILL, self._on_tlb_fill)
             self._tlb_hooked = True
-        if (ept is None) != (self.ept is None):
-            self.uc.ctl_set_tlb_mode(ucc.UC_TLB_CPU if ept is None else ucc.UC_TLB_VIRTUAL)
-        self.ept = ept
+        if (tdp is None) != (self.tdp is None):
+            self.uc.ctl_set_tlb_mode(ucc.UC_TLB_CPU if tdp is None else ucc.UC_TLB_VIRTUAL)
+        self.tdp = tdp
         self.flush_tlb()
 
     # ---- running ------------------------------------------------------------------------
@@ -488,7 +488,7 @@ class ExecContext:
                 self.exception = RaisedException(14, f.error_code, False, 0, f.linear)
             else:
                 self.tlb_fault = f
-                return Stop.EPT
+                return Stop.TDP
         if self.exception is not None:
             return Stop.EXCEPTION
         if self.unmapped is not None:
@@ -662,16 +662,16 @@ class ExecContext:
         return True
 
     def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: object, data: object) -> bool:
-        """UC_HOOK_TLB_FILL under EPT. A refused access stops emulation at the instruction
+        """UC_HOOK_TLB_FILL under EPT/NPT. A refused access stops emulation at the instruction
         (unicorn ends the run with UC_ERR_EXCEPTION) and becomes a #PF of L2 or an EPT exit;
         unicorn also probes its `until` address (TOP) when a run ends; that is not an access."""
-        ept = self.ept
-        if ept is None or vaddr == TOP & ~0xFFF:
+        tdp = self.tdp
+        if tdp is None or vaddr == TOP & ~0xFFF:
             return False
         try:
             cr0, cr3, cr4, cs = self.read_batch(_PAGING_REGS)
-            paddr, perms = ept.fill(vaddr, access, cr0, cr3, cr4, self.cpu_msr(MSR_EFER), cs & 3 == 3)
-        except (PageFault, EptFault) as f:
+            paddr, perms = tdp.fill(vaddr, access, cr0, cr3, cr4, self.cpu_msr(MSR_EFER), cs & 3 == 3)
+        except (PageFault, TdpFault) as f:
             self._fill_fault = f
             return False
         except BaseException as e:  # noqa: BLE001

@@ -1,6 +1,5 @@
 """Nested EPT: L2 guest-physical to L1 guest-physical through L1's EPT tables, walked in the
-L0 with accessed/dirty flags (SDM Vol. 3 29.3), and the two-dimensional walk of an L2 linear
-address that fills the L2 context's TLB.
+L0 with accessed/dirty flags (SDM Vol. 3 29.3); the two-dimensional walk is tdp.py's.
 
 Two kinds of access reach EPT (SDM 29.3.3.2, Table 28-7): accesses to the guest's own paging
 structures, made while translating a linear address (qualification bit 7 set, bit 8 clear;
@@ -33,28 +32,16 @@ from nestvisor.arch.ept import (
     EPTP_AD_ENABLE,
 )
 
-from .faults import PageFault
-from .paging import PhysMemory, translate
+from .paging import PhysMemory
+from .tdp import TdpFault, TwoDimensional
 
 __all__ = ["Ept", "EptFault", "EptMisconfig", "EptViolation"]
 
 _U64 = struct.Struct("<Q")
-# unicorn's TLB-fill access types (UC_MEM_READ/WRITE/FETCH) and page permissions (UC_PROT_*)
-UC_MEM_READ, UC_MEM_WRITE, UC_MEM_FETCH = 16, 17, 18
-UC_PROT_READ, UC_PROT_WRITE, UC_PROT_EXEC = 1, 2, 4
-_ACCESS_OF = {UC_MEM_READ: EPT_QUAL_READ, UC_MEM_WRITE: EPT_QUAL_WRITE, UC_MEM_FETCH: EPT_QUAL_FETCH}
-_PROT_OF = {UC_MEM_READ: UC_PROT_READ, UC_MEM_WRITE: UC_PROT_WRITE, UC_MEM_FETCH: UC_PROT_EXEC}
 
 
-class EptFault(Exception):
+class EptFault(TdpFault):
     """An L2 access EPT refuses: a nested VM exit to L1, never an exception of L2."""
-
-    def __init__(self, gpa: int, linear: int | None, access: int, translated: bool) -> None:
-        super().__init__(gpa, linear)
-        self.gpa = gpa
-        self.linear = linear
-        self.access = access            # EPT_QUAL_READ/WRITE/FETCH bits of the access
-        self.translated = translated    # the access to `linear` itself, not to a paging structure
 
 
 class EptViolation(EptFault):
@@ -78,10 +65,11 @@ def _rights(access: int) -> int:
         | (EPT_EXEC if access & EPT_QUAL_FETCH else 0)
 
 
-class Ept:
+class Ept(TwoDimensional):
     """L1's EPT hierarchy rooted at an EPTP, over L1 guest-physical memory `mem`."""
 
-    __slots__ = ("mem", "eptp", "root", "ad", "exec_only", "maxphyaddr", "pdptes", "_addr", "_high_rsvd")
+    __slots__ = ("mem", "eptp", "root", "ad", "exec_only", "maxphyaddr", "pdptes", "paging_writes", "_addr",
+                 "_high_rsvd")
 
     def __init__(self, mem: PhysMemory, eptp: int, maxphyaddr: int, *, exec_only: bool = True) -> None:
         self.mem = mem
@@ -92,9 +80,9 @@ class Ept:
         self.root = eptp & self._addr
         self.ad = bool(eptp & EPTP_AD_ENABLE)
         self.exec_only = exec_only
-        # L2's PAE PDPTE registers as VM entry loaded them from the VMCS; None once L2
-        # reloads them from memory (MOV to CR3, paging-mode change)
-        self.pdptes: tuple[int, int, int, int] | None = None
+        self.pdptes = None
+        # SDM 29.3.5: with EPT A/D enabled, paging-structure accesses are writes for EPT
+        self.paging_writes = self.ad
 
     def translate(self, gpa: int, access: int, *, linear: int | None = None, translated: bool = True,
                   set_ad: bool = True) -> int:
@@ -153,101 +141,3 @@ class Ept:
         if linear is not None:
             qual |= EPT_QUAL_LINEAR_VALID | (EPT_QUAL_TRANSLATED if translated else 0)
         return EptViolation(gpa, linear, access, translated, qual)
-
-    # ---- L2 memory as the guest's page walk and the L0 see it --------------------------------
-
-    def walker(self, linear: int, *, set_ad: bool = True) -> _PagingStructures:
-        """L2 guest-physical memory for the paging-structure accesses of translating `linear`."""
-        return _PagingStructures(self, linear, set_ad)
-
-    def data(self, linear: int | None = None) -> _Data:
-        """L2 guest-physical memory for data accesses (of `linear`, when known)."""
-        return _Data(self, linear)
-
-    def translate_linear(self, linear: int, cr0: int, cr3: int, cr4: int, efer: int, *, write: bool = False,
-                         fetch: bool = False, user: bool = False, set_ad: bool = True) -> int:
-        """The two-dimensional walk: L2 linear -> L2 guest-physical -> L1 guest-physical.
-        Raises PageFault (L2's own paging) or EptFault."""
-        gpa = translate(self.walker(linear, set_ad=set_ad), cr0, cr3, cr4, efer, linear, write=write, user=user,
-                        fetch=fetch, set_ad=set_ad, maxphyaddr=self.maxphyaddr, pdptes=self.pdptes)
-        access = EPT_QUAL_WRITE if write else EPT_QUAL_FETCH if fetch else EPT_QUAL_READ
-        return self.translate(gpa, access, linear=linear, set_ad=set_ad)
-
-    def fill(self, linear: int, access: int, cr0: int, cr3: int, cr4: int, efer: int,
-             user: bool) -> tuple[int, int]:
-        """A TLB entry for the page of `linear` (unicorn's UC_HOOK_TLB_FILL, `access` one of
-        UC_MEM_READ/WRITE/FETCH): (L1 guest-physical page, UC_PROT_* permissions).
-
-        The permissions are those of the access plus read/execute when they need no flag
-        update; write is granted only to a write, so that the first write to a page reaches
-        this walk and sets the dirty flags (guest PTE and EPT)."""
-        kind = _ACCESS_OF[access]
-        hpa = self.translate_linear(linear, cr0, cr3, cr4, efer, write=kind == EPT_QUAL_WRITE,
-                                    fetch=kind == EPT_QUAL_FETCH, user=user)
-        prot = _PROT_OF[access]
-        for extra, fetch in ((UC_PROT_READ, False), (UC_PROT_EXEC, True)):
-            if prot & extra:
-                continue
-            try:
-                self.translate_linear(linear, cr0, cr3, cr4, efer, fetch=fetch, user=user, set_ad=False)
-            except (PageFault, EptFault):
-                continue
-            prot |= extra
-        return hpa & ~0xFFF, prot
-
-
-class _PagingStructures:
-    """L2 paging structures read (and A/D-updated) during one linear translation (SDM 29.3.3.2:
-    qualification bit 7 set, bit 8 clear)."""
-
-    __slots__ = ("ept", "linear", "set_ad")
-
-    def __init__(self, ept: Ept, linear: int, set_ad: bool) -> None:
-        self.ept = ept
-        self.linear = linear
-        self.set_ad = set_ad
-
-    def read(self, gpa: int, size: int) -> bytes:
-        # SDM 29.3.5: with EPT A/D enabled, paging-structure accesses are writes for EPT
-        access = EPT_QUAL_READ | (EPT_QUAL_WRITE if self.ept.ad else 0)
-        hpa = self.ept.translate(gpa, access, linear=self.linear, translated=False, set_ad=self.set_ad)
-        return self.ept.mem.read(hpa, size)
-
-    def write(self, gpa: int, data: bytes) -> None:
-        # the guest's A/D update: read then write of the entry
-        hpa = self.ept.translate(gpa, EPT_QUAL_READ | EPT_QUAL_WRITE, linear=self.linear, translated=False,
-                                 set_ad=self.set_ad)
-        self.ept.mem.write(hpa, data)
-
-
-class _Data:
-    """L2 guest-physical memory for data accesses by the L0 (event delivery, instruction
-    operands)."""
-
-    __slots__ = ("ept", "linear")
-
-    def __init__(self, ept: Ept, linear: int | None) -> None:
-        self.ept = ept
-        self.linear = linear
-
-    def read(self, gpa: int, size: int) -> bytes:
-        return self._span(gpa, size, EPT_QUAL_READ, None)
-
-    def write(self, gpa: int, data: bytes) -> None:
-        self._span(gpa, len(data), EPT_QUAL_WRITE, data)
-
-    def _span(self, gpa: int, size: int, access: int, data: bytes | None) -> bytes:
-        # translate every page first, so a fault leaves memory unchanged
-        pieces = []
-        while size > 0:
-            n = min(size, 0x1000 - (gpa & 0xFFF))
-            pieces.append((self.ept.translate(gpa, access, linear=self.linear), n))
-            gpa += n
-            size -= n
-        if data is None:
-            return b"".join(self.ept.mem.read(hpa, n) for hpa, n in pieces)
-        off = 0
-        for hpa, n in pieces:
-            self.ept.mem.write(hpa, data[off:off + n])
-            off += n
-        return b""

@@ -235,7 +235,7 @@ class LinearMemory:
                  walk: Callable[[int], PhysMemory] | None = None) -> None:
         self.phys = phys
         # the memory the paging structures of a linear address are read from, when it is
-        # not `phys` (L2 under EPT: nestvisor.cpu.ept.Ept.walker)
+        # not `phys` (L2 under EPT/NPT: nestvisor.cpu.tdp.TwoDimensional.walker)
         self.walk = walk
         self.cr0 = regs.cr0
         self.cr3 = regs.cr3

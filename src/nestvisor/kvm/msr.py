@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..arch import msr as M
+from ..arch import svm as S
 from ..arch import vmx as V
 from ..cpu.faults import GuestFault, gp
 
@@ -76,15 +77,30 @@ def _pat_ok(value: int) -> bool:
     return all((value >> (8 * i)) & 0xFF in _PAT_TYPES for i in range(8))
 
 
+def efer_valid(v: Vcpu, value: int) -> bool:
+    """KVM kvm_valid_efer: only the bits of features the guest has."""
+    allowed = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE | (EFER_SVME if v.profile.has("svm") else 0)
+    if value & ~allowed:
+        return False
+    if not v.profile.has("lm") and value & (EFER_LME | EFER_LMA):
+        return False
+    return v.profile.has("nx") or not value & EFER_NXE
+
+
+def _efer_read(v: Vcpu) -> int:
+    # EFER.SVME lives beside the substrate's EFER (nested SVM)
+    nested = v.nested
+    return v.ctx.cpu_msr(M.EFER) | (EFER_SVME if nested is not None and nested.svme else 0)
+
+
 def _efer_write(v: Vcpu, value: int, host: bool) -> None:
     # KVM set_efer / kvm_valid_efer
-    allowed = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE
-    if value & ~allowed:
+    if not efer_valid(v, value):
         raise gp()
-    if not v.profile.has("lm") and value & (EFER_LME | EFER_LMA):
-        raise gp()
-    if not v.profile.has("nx") and value & EFER_NXE:
-        raise gp()
+    nested = v.nested
+    if v.profile.has("svm") and nested is not None:
+        nested.set_svme(bool(value & EFER_SVME))   # KVM svm_set_efer
+        value &= ~EFER_SVME
     old = v.ctx.cpu_msr(M.EFER)
     cr0 = v.ctx.reg_cr(0)
     if not host and cr0 & (1 << 31) and (old ^ value) & EFER_LME:
@@ -96,6 +112,28 @@ def _efer_write(v: Vcpu, value: int, host: bool) -> None:
     v.ctx.set_cpu_msr(M.EFER, (value & ~EFER_LMA) | (old & EFER_LMA))
     if (old ^ value) & EFER_NXE:
         v.ctx.flush_tlb()
+
+
+def _vm_cr_write(v: Vcpu, value: int, host: bool) -> None:
+    # KVM svm_set_vm_cr: bits 4:0 only; LOCK and SVMDIS stay once SVMDIS is set, and SVMDIS
+    # cannot be set while EFER.SVME is
+    nested = v.nested
+    if value & ~S.VM_CR_VALID_MASK:
+        raise gp()
+    change = S.VM_CR_VALID_MASK
+    if nested.vm_cr & S.VM_CR_SVMDIS:
+        change &= ~(S.VM_CR_LOCK | S.VM_CR_SVMDIS)
+    new = (nested.vm_cr & ~change) | (value & change)
+    if new & S.VM_CR_SVMDIS and nested.svme:
+        raise gp()
+    nested.vm_cr = new
+
+
+def _hsave_pa_write(v: Vcpu, value: int, host: bool) -> None:
+    # KVM svm_set_msr(MSR_VM_HSAVE_PA): page aligned and a legal address (APM 15.30.4)
+    if value & 0xFFF or value >> v.profile.maxphyaddr:
+        raise gp()
+    v.nested.hsave_pa = value
 
 
 def _tsc_write(v: Vcpu, value: int, host: bool) -> None:
@@ -178,7 +216,9 @@ def _build_table() -> dict[int, MsrRow]:
         M.IA32_MISC_ENABLE: _stored("MISC_ENABLE", (1 << 11) | (1 << 12)),
         M.IA32_DEBUGCTL: MsrRow("DEBUGCTL", lambda v: 0, _debugctl_write),
         M.IA32_PAT: _cpu_msr(M.IA32_PAT, _pat_ok, "PAT", "pat"),
-        M.EFER: MsrRow("EFER", lambda v: v.ctx.cpu_msr(M.EFER), _efer_write),
+        M.EFER: MsrRow("EFER", _efer_read, _efer_write),
+        S.MSR_VM_CR: MsrRow("VM_CR", lambda v: v.nested.vm_cr, _vm_cr_write, "svm"),
+        S.MSR_VM_HSAVE_PA: MsrRow("VM_HSAVE_PA", lambda v: v.nested.hsave_pa, _hsave_pa_write, "svm"),
         M.STAR: _cpu_msr(M.STAR, None, "STAR", "syscall"),
         M.LSTAR: _cpu_msr(M.LSTAR, canonical, "LSTAR", "lm"),
         M.CSTAR: _cpu_msr(M.CSTAR, canonical, "CSTAR", "lm"),

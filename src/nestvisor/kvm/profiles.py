@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..arch import cpuid as F
+from ..arch import svm as S
 
 Leaf = tuple[int, int, int, int]
 
@@ -50,6 +51,7 @@ class Profile:
     vendor: tuple[int, int, int]
     features: dict[str, bool] = field(default_factory=dict)
     description: str = ""
+    leaves: dict[tuple[int, int], Leaf] = field(default_factory=dict)   # leaves beyond the base table
 
     @property
     def maxphyaddr(self) -> int:
@@ -62,6 +64,10 @@ class Profile:
     def table(self) -> dict[tuple[int, int], Leaf]:
         """The CPUID table this profile advertises (KVM_GET_SUPPORTED_CPUID's answer)."""
         t = {k: list(v) for k, v in _BASE.items()}
+        for k, v in self.leaves.items():
+            t[k] = list(v)
+            if k[0] >= 0x80000000:
+                t[(0x80000000, 0)][0] = max(t[(0x80000000, 0)][0], k[0])
         for leaf in ((0x0, 0), (0x80000000, 0)):
             t[leaf][1:4] = self.vendor
         # KVM sets the hypervisor bit; the substrate's leaf 1 already has it.
@@ -75,15 +81,24 @@ class Profile:
         return {k: tuple(v) for k, v in t.items()}  # type: ignore[misc]
 
 
-def _profile(name: str, vendor: tuple[int, int, int], description: str, **features: bool) -> Profile:
-    return Profile(name, vendor, dict(features), description)
+def _profile(name: str, vendor: tuple[int, int, int], description: str,
+             leaves: dict[tuple[int, int], Leaf] | None = None, **features: bool) -> Profile:
+    return Profile(name, vendor, dict(features), description, dict(leaves or {}))
+
+
+# APM CPUID Fn8000_000A: SVM revision 1, 8 ASIDs (as KVM offers L1), and the features nested
+# SVM implements: NPT and NRIPS (no VGIF, LBRV, pause filter, ... until they work)
+_SVM_LEAVES: dict[tuple[int, int], Leaf] = {
+    (0x80000009, 0): (0, 0, 0, 0),
+    (0x8000000A, 0): (1, 8, 0, (1 << S.SVM_FEATURE_NPT) | (1 << S.SVM_FEATURE_NRIPS)),
+}
 
 
 PROFILES: dict[str, Profile] = {
     "vmx": _profile("vmx", F.VENDOR_INTEL, "Intel-like CPU with nested VMX (CPUID.1:ECX.VMX and the VMX MSRs)",
                     x2apic=True, vmx=True, **{"tsc-deadline": True}),
-    "svm": _profile("svm", F.VENDOR_AMD, "AMD-like CPU; nested SVM is not advertised until it is implemented",
-                    x2apic=True, **{"tsc-deadline": True}),
+    "svm": _profile("svm", F.VENDOR_AMD, "AMD-like CPU with nested SVM (CPUID 8000_0001:ECX.SVM, leaf 8000_000A)",
+                    _SVM_LEAVES, x2apic=True, svm=True, **{"tsc-deadline": True}),
     "base": _profile("base", F.VENDOR_INTEL, "the substrate's CPU with a local APIC in xAPIC mode only"),
 }
 
@@ -96,4 +111,4 @@ def get_profile(name: str, features: dict[str, bool] | None = None) -> Profile:
         if k not in F.FEATURES:
             raise KeyError(k)
         merged[k] = v
-    return Profile(base.name, base.vendor, merged, base.description)
+    return Profile(base.name, base.vendor, merged, base.description, dict(base.leaves))

@@ -14,22 +14,22 @@ from dataclasses import dataclass, field, replace
 
 from ..arch import kvm_uapi as U
 from ..arch import msr as M
-from ..arch import vmx as VX
-from ..arch.ept import EPT_QUAL_FETCH
+from ..arch.x86 import EFER_SVME
 from ..cpu import native as N
 from ..cpu.context import HF2_NMI, HF_INHIBIT_IRQ
-from ..cpu.decode import VMX_OPS, Insn, Op, decode
+from ..cpu.decode import SVM_OPS, VMX_OPS, Insn, Op, decode
 from ..cpu.delivery import DeliveryUnsupported, EventKind, TripleFault, deliver_with_escalation
 from ..cpu.engine import DREGS, GPRS, ExecContext, Stop
-from ..cpu.ept import EptFault
 from ..cpu.faults import GuestFault, gp, ud
 from ..cpu.paging import LinearMemory
 from ..cpu.state import ArchState, DescTable, Segment, real_mode_segment
+from ..cpu.tdp import ACCESS_FETCH, TdpFault
 from . import msr as msrs
 from .errors import KvmError, einval
 from .exits import Exit, InternalError, IoExit, MmioExit
 from .hypercall import HYPERCALL_OPCODES, emulate_hypercall
 from .lapic import Lapic
+from .svm.nested import NestedSvm
 from .vm import APIC_MMIO
 from .vmx.nested import ExitInfo, NestedVmx
 
@@ -217,7 +217,9 @@ class Vcpu:
         self._vmcs_event: tuple[int, EventKind, int | None, int] | None = None
         self._vmx_abort = False
         self._mov_ss_end = -1
-        self.nested: NestedVmx | None = NestedVmx(self) if self._feature("vmx") else None
+        self.efer_svme = False   # L1's EFER.SVME (nested SVM keeps it out of the substrate)
+        self.nested: NestedVmx | NestedSvm | None = \
+            NestedVmx(self) if self._feature("vmx") else NestedSvm(self) if self._feature("svm") else None
         self._reset(init=False)
 
     # ---- execution contexts (L1 and, with nested VMX, L2) ---------------------------------
@@ -477,8 +479,15 @@ class Vcpu:
             self.pending_exception = None
             payload, self.exception_payload = self.exception_payload, None
             return self._deliver_then_nested_events(vector, EventKind.HARDWARE_EXCEPTION, ec, cr2=payload)
+        if isinstance(nested, NestedSvm) and nested.guest_mode and self.ctx.rflags & RFLAGS_IF \
+                and not self.ctx.hflags() & HF_INHIBIT_IRQ and nested.gif:
+            vector = nested.virtual_interrupt()   # APM 15.21.4: V_IRQ from vmcb12
+            if vector is not None:
+                return self._deliver(vector, EventKind.EXTERNAL_INTERRUPT, None)
         if not self.nmi_pending and not self._interrupt_pending():
             return None
+        if nested is not None and not nested.gif:
+            return None   # APM 15.17: GIF = 0 holds interrupts and NMIs
         hf = self.ctx.hflags()
         if hf & HF_INHIBIT_IRQ:
             return None
@@ -520,12 +529,14 @@ class Vcpu:
                 self.pending_exception = None
                 self.exception_payload = None
         elif nested.preemption_timer_expired():
-            e = ExitInfo(VX.EXIT["PREEMPTION_TIMER"])   # SDM 26.5.1: below exceptions, above NMIs and interrupts
+            e = nested.event_exit("PREEMPTION_TIMER")   # SDM 26.5.1: below exceptions, above NMIs and interrupts
+        elif not nested.gif:
+            pass   # APM 15.17: GIF = 0 holds interrupts and NMIs, intercepted or not
         elif self.nmi_pending and nested.exits_on_nmi() and not self.ctx.hflags2() & HF2_NMI:
             self.nmi_pending -= 1
-            e = ExitInfo(VX.EXIT["EXCEPTION_NMI"], intr_info=2 | VX.INTR_TYPE_NMI | VX.INTR_INFO_VALID)
-        elif nested.exits_on_intr() and self._interrupt_pending():
-            info = 0
+            e = nested.event_exit("NMI")
+        elif nested.exits_on_intr() and self._interrupt_pending() and nested.physical_if():
+            vector = None
             if nested.ack_intr_on_exit():
                 # SDM 28.2.1: "acknowledge interrupt on exit" takes the vector into the exit information
                 if self.ext_interrupts:
@@ -533,10 +544,9 @@ class Vcpu:
                 else:
                     vector = self.lapic.pending_vector() or 0
                     self.lapic.ack_interrupt(vector)
-                info = vector | VX.INTR_INFO_VALID
-            e = ExitInfo(VX.EXIT["EXTERNAL_INTERRUPT"], intr_info=info)
+            e = nested.event_exit("INTR", vector)
         elif nested.intr_window_exiting() and self.ctx.rflags & RFLAGS_IF and not self.ctx.hflags() & HF_INHIBIT_IRQ:
-            e = ExitInfo(VX.EXIT["INTERRUPT_WINDOW"])
+            e = nested.event_exit("INTR_WINDOW")
         if e is None:
             return False
         nested.vmexit(e)
@@ -550,18 +560,18 @@ class Vcpu:
         if cr2 is not None:
             st.cr2 = cr2   # SDM 4.7: #PF loads CR2 with the faulting linear address
         try:
-            mem = self.vm.phys if self.ctx.ept is None else self.linear(st)
+            mem = self.vm.phys if self.ctx.tdp is None else self.linear(st)
             new = deliver_with_escalation(st, mem, vector, kind, error_code, insn_len)
-        except EptFault as f:
-            # delivery in L2 touched memory L1's EPT refuses (the IDT, the stack): exit to L1
-            self._ept_exit(f)
+        except TdpFault as f:
+            # delivery in L2 touched memory L1's EPT/NPT refuses (the IDT, the stack): exit to L1
+            self._tdp_exit(f)
             return None
         except DeliveryUnsupported as e:
             return Exit(U.KVM_EXIT_INTERNAL_ERROR, internal=InternalError(U.KVM_INTERNAL_ERROR_DELIVERY_EV, str(e)))
         if isinstance(new, TripleFault):
             nested = self.nested
             if nested is not None and nested.guest_mode:
-                nested.vmexit(ExitInfo(VX.EXIT["TRIPLE_FAULT"]))   # a triple fault in L2 always exits to L1
+                nested.vmexit(nested.event_exit("TRIPLE_FAULT"))   # a triple fault in L2 always exits to L1
                 return None
             # SDM 6.15: shutdown; KVM reports it as KVM_EXIT_SHUTDOWN
             self.stats["triple_fault"] += 1
@@ -616,24 +626,24 @@ class Vcpu:
             return self._handle_exception()
         if stop == Stop.UNMAPPED:
             return self._mmio_exit()
-        if stop == Stop.EPT:
-            return self._ept_exit(self.ctx.tlb_fault)
+        if stop == Stop.TDP:
+            return self._tdp_exit(self.ctx.tlb_fault)
         # a HLT the site scan missed ran natively; RIP is already past it
         self.mp_state = U.KVM_MP_STATE_HALTED
         return None
 
-    def _ept_exit(self, f: EptFault | None) -> None:
-        """An L2 access L1's EPT refused (SDM 29.3.3): a nested VM exit, exact to the byte
-        where the instruction tells the address."""
+    def _tdp_exit(self, f: TdpFault | None) -> None:
+        """An L2 access L1's EPT or NPT refused (SDM 29.3.3, APM 15.25.6): a nested exit,
+        exact to the byte where the instruction tells the address."""
         nested = self.nested
         assert f is not None and nested is not None and nested.guest_mode
         if f.linear is not None:
             # unicorn asks for the page; the instruction at RIP tells the byte
-            exact = self.ctx.access_address(f.linear, fetch=bool(f.access & EPT_QUAL_FETCH))
+            exact = self.ctx.access_address(f.linear, fetch=bool(f.access & ACCESS_FETCH))
             if f.translated:
                 f.gpa += exact - f.linear
             f.linear = exact
-        nested.vmexit(nested.ept_exit(f))
+        nested.vmexit(nested.tdp_exit(f))
 
     def _handle_exception(self) -> Exit | None:
         e = self.ctx.exception
@@ -707,6 +717,8 @@ class Vcpu:
         """Called from the trap hook, inside emulation, at a trapped instruction."""
         if insn.op in VMX_OPS:
             return self._vmx_trap(insn)
+        if insn.op in SVM_OPS:
+            return self._svm_trap(insn)
         nested = self.nested
         if nested is not None and nested.guest_mode:
             try:
@@ -743,6 +755,21 @@ class Vcpu:
             return N.NV_STOP_BEFORE
         if insn.op in _VMX_IN_HOOK:
             return self._vmx_in_hook(nested, insn)
+        self._outside = insn
+        return N.NV_STOP_BEFORE
+
+    def _svm_trap(self, insn: Insn) -> int:
+        """An SVM instruction at its site (0F 01 D8..DF). Without nested SVM, or with EFER.SVME
+        clear, the substrate's #UD stands; VMMCALL in L1 is a hypercall (the #UD path)."""
+        nested = self.nested
+        if not isinstance(nested, NestedSvm) or insn.op == Op.VMMCALL and not nested.guest_mode:
+            return N.NV_CONTINUE
+        if nested.guest_mode:
+            if nested.wants_insn(insn):
+                nested.pending = nested.insn_exit(insn)
+                return N.NV_STOP_BEFORE
+            if insn.op in (Op.VMMCALL, Op.VMRUN):
+                return N.NV_CONTINUE   # L2's #UD (VMRUN is always intercepted, by the checks)
         self._outside = insn
         return N.NV_STOP_BEFORE
 
@@ -846,6 +873,10 @@ class Vcpu:
         if insn.crn == 8:
             if value & ~0xF:
                 raise gp()   # KVM kvm_set_cr8: bits 63:4 reserved
+            nested = self.nested
+            if nested is not None and nested.guest_mode and nested.virtual_tpr():
+                nested.v_tpr = value   # APM 15.21.1: with V_INTR_MASKING, L2's CR8 is V_TPR
+                return self._skip(insn)
             self.lapic.set_cr8(value)
             self.kick()
             return self._skip(insn)
@@ -946,7 +977,7 @@ class Vcpu:
             return self._pio(insn)
         if op == Op.STI:
             return self._emulate_sti(insn)
-        if op in VMX_OPS and self.nested is not None:
+        if op in VMX_OPS and isinstance(self.nested, NestedVmx) or op in SVM_OPS and isinstance(self.nested, NestedSvm):
             self.nested.emulate(insn)
             return None
         if op == Op.MOV_TO_CR:
@@ -1020,21 +1051,27 @@ class Vcpu:
     def _paging_reloaded(self) -> None:
         """MOV to CR0/CR3/CR4: drop cached translations; with PAE paging the PDPTE registers
         are reloaded from memory (SDM 4.4.1), which the walk under EPT then reads."""
-        if self.ctx.ept is not None:
-            self.ctx.ept.pdptes = None
+        if self.ctx.tdp is not None:
+            self.ctx.tdp.pdptes = None
         self.ctx.flush_tlb()
 
-    def _check_cr4(self, st: ArchState, value: int) -> None:
-        # KVM kvm_is_valid_cr4 / kvm_set_cr4
+    def cr4_valid(self, value: int) -> bool:
+        """KVM kvm_is_valid_cr4: no reserved bit and no bit of a feature the guest lacks (VME
+        is never offered)."""
         for bit in range(64):
             if value >> bit & 1:
-                if bit not in _CR4_FEATURE_BITS:
-                    raise gp()
-                feat = _CR4_FEATURE_BITS[bit]
-                if feat is not None and feat != "vme" and not self._feature(feat):
-                    raise gp()
-                if feat == "vme":
-                    raise gp()
+                feat = _CR4_FEATURE_BITS.get(bit, "vme")
+                if feat == "vme" or (feat is not None and not self._feature(feat)):
+                    return False
+        return True
+
+    def efer_valid(self, value: int) -> bool:
+        return msrs.efer_valid(self, value)
+
+    def _check_cr4(self, st: ArchState, value: int) -> None:
+        # KVM kvm_set_cr4
+        if not self.cr4_valid(value):
+            raise gp()
         if st.efer & EFER_LMA:
             if not value & CR4_PAE:
                 raise gp()   # SDM: clearing PAE in IA-32e mode
@@ -1101,10 +1138,10 @@ class Vcpu:
 
     def linear(self, st: ArchState) -> LinearMemory:
         """Guest-linear memory under the paging state `st` (string I/O, VMX operands)."""
-        ept = self.ctx.ept
-        if ept is None:
+        tdp = self.ctx.tdp
+        if tdp is None:
             return LinearMemory(self.vm.phys, st, maxphyaddr=self.profile.maxphyaddr)
-        return LinearMemory(ept.data(), st, maxphyaddr=self.profile.maxphyaddr, walk=ept.walker)
+        return LinearMemory(tdp.data(), st, maxphyaddr=self.profile.maxphyaddr, walk=tdp.walker)
 
     def _complete_userspace(self) -> None:
         c, self._completion = self._completion, None
@@ -1211,7 +1248,8 @@ class Vcpu:
         return Sregs(
             **{n: KvmSegment.from_segment(getattr(st, n)) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")},
             gdt=KvmDtable(st.gdt.base, st.gdt.limit), idt=KvmDtable(st.idt.base, st.idt.limit),
-            cr0=st.cr0, cr2=st.cr2, cr3=st.cr3, cr4=st.cr4, cr8=self.lapic.get_cr8(), efer=st.efer,
+            cr0=st.cr0, cr2=st.cr2, cr3=st.cr3, cr4=st.cr4, cr8=self.lapic.get_cr8(),
+            efer=st.efer | (EFER_SVME if self.nested is not None and self.nested.svme else 0),
             apic_base=self.lapic.get_apic_base(), interrupt_bitmap=tuple(bitmap),
         )
 
@@ -1227,6 +1265,8 @@ class Vcpu:
             raise einval("EFER.LMA must equal CR0.PG && EFER.LME (kvm_is_valid_sregs)")
         if s.cr8 & ~0xF:
             raise einval("cr8 has bits above 3 (kvm_set_cr8)")
+        if not self.efer_valid(s.efer):
+            raise einval(f"efer {s.efer:#x} has bits this CPU does not support (kvm_valid_efer)")
         st = self.ctx.get_state()
         try:
             self._check_cr4(replace(st, efer=s.efer, cr4=0), s.cr4)
@@ -1235,13 +1275,15 @@ class Vcpu:
         new = replace(
             st, **{n: getattr(s, n).to_segment() for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")},
             gdt=DescTable(s.gdt.base, s.gdt.limit), idt=DescTable(s.idt.base, s.idt.limit),
-            cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, efer=s.efer,
+            cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, efer=s.efer & ~EFER_SVME,
         )
         try:
             self.lapic.set_apic_base(s.apic_base, host_initiated=True)
         except GuestFault:
             raise einval(f"apic_base {s.apic_base:#x} is invalid (kvm_set_apic_base)") from None
         self.remap_apic()
+        if self.nested is not None and self.profile.has("svm"):
+            self.nested.set_svme(bool(s.efer & EFER_SVME))
         self.ctx.set_state(new)
         self.ctx.flush_tlb()
         self.lapic.set_cr8(s.cr8)

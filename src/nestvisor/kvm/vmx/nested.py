@@ -22,10 +22,11 @@ from ...arch.x86 import CR0_PG, CR4_LA57, CR4_PAE, RFLAGS_VM, SREG_SS
 from ...cpu.context import HF2_NMI, HF_CS64, HF_INHIBIT_IRQ, HF_LMA
 from ...cpu.decode import Insn, Op
 from ...cpu.engine import DREGS, ExecContext
-from ...cpu.ept import Ept, EptFault, EptViolation
+from ...cpu.ept import Ept, EptViolation
 from ...cpu.faults import GuestFault, gp, ud
 from ...cpu.paging import is_canonical
 from ...cpu.state import SEG_P, ArchState, DescTable, Segment
+from ...cpu.tdp import TdpFault, TwoDimensional
 from .. import msr as msrs
 from .caps import PREEMPTION_TIMER_RATE, VmxCaps, nested_vmx_caps
 from .checks import (
@@ -104,6 +105,8 @@ class NestedVmx:
         self.v = vcpu
         self.caps: VmxCaps = nested_vmx_caps(vcpu.cr4_fixed1())
         self.vmxon = False
+        self.gif = True    # VMX has no global interrupt flag or EFER.SVME (SVM protocol members)
+        self.svme = False
         self.vmxon_ptr = INVALID_PTR
         self.current_vmptr = INVALID_PTR
         self.vmcs12: Vmcs12 | None = None
@@ -572,18 +575,17 @@ class NestedVmx:
         addresses go through L1's EPT (SDM 29.3); without it L2 shares L1's guest-physical
         space. With EPT and PAE paging the PDPTEs come from the VMCS (SDM 27.3.2.4)."""
         if v12 is None:
-            if l2.ept is not None:
-                l2.use_ept(None)
+            if l2.tdp is not None:
+                l2.use_tdp(None)
             return
         eptp = v12["ept_pointer"]
-        if l2.ept is None or l2.ept.eptp != eptp:
-            l2.use_ept(Ept(self.v.vm.phys, eptp, self.maxphyaddr,
+        if not isinstance(l2.tdp, Ept) or l2.tdp.eptp != eptp:
+            l2.use_tdp(Ept(self.v.vm.phys, eptp, self.maxphyaddr,
                            exec_only=bool(self.caps.ept_vpid & X.EPT_CAP_EXECUTE_ONLY)))
-        assert l2.ept is not None
         pae = v12["guest_cr0"] & CR0_PG and v12["guest_cr4"] & CR4_PAE and not v12["vm_entry_controls"] & X.ENTRY_IA32E_MODE
-        l2.ept.pdptes = tuple(v12[f"guest_pdptr{i}"] for i in range(4)) if pae else None
+        l2.tdp.pdptes = tuple(v12[f"guest_pdptr{i}"] for i in range(4)) if pae else None
 
-    def ept_exit(self, f: EptFault) -> ExitInfo:
+    def tdp_exit(self, f: TdpFault) -> ExitInfo:
         """SDM 28.2.1: an EPT violation (reason 48, qualification per Table 28-7) or an EPT
         misconfiguration (reason 49); both report the guest-physical address."""
         if isinstance(f, EptViolation):
@@ -932,6 +934,22 @@ class NestedVmx:
         self._entry_pending_dbg = 0
         return qual
 
+    def event_exit(self, kind: str, vector: int | None = None) -> ExitInfo:
+        """The exit for an event L1 intercepts: "PREEMPTION_TIMER", "NMI", "INTR" (with the
+        acknowledged `vector`), "INTR_WINDOW", "TRIPLE_FAULT" (SDM 28.2.1, 28.2.2)."""
+        if kind == "NMI":
+            return ExitInfo(X.EXIT["EXCEPTION_NMI"], intr_info=2 | X.INTR_TYPE_NMI | X.INTR_INFO_VALID)
+        if kind == "INTR":
+            return ExitInfo(X.EXIT["EXTERNAL_INTERRUPT"], intr_info=0 if vector is None else vector | X.INTR_INFO_VALID)
+        return ExitInfo(X.EXIT[{"PREEMPTION_TIMER": "PREEMPTION_TIMER", "INTR_WINDOW": "INTERRUPT_WINDOW",
+                                "TRIPLE_FAULT": "TRIPLE_FAULT"}[kind]])
+
+    def virtual_tpr(self) -> bool:
+        return False   # no TPR shadow: L2's CR8 is the APIC's TPR unless CR8 exiting catches it
+
+    def physical_if(self) -> bool:
+        return True   # SDM 25.2: "external-interrupt exiting" ignores RFLAGS.IF
+
     def rdtsc_exiting(self) -> bool:
         v12 = self.vmcs12
         return v12 is not None and bool(v12["cpu_based_vm_exec_control"] & X.CPU_RDTSC_EXITING)
@@ -1025,9 +1043,9 @@ class NestedVmx:
         if exit_ctl & X.EXIT_SAVE_IA32_PAT:
             v12["guest_ia32_pat"] = l2.cpu_msr(M.IA32_PAT)
             n += 1
-        if l2.ept is not None and st.cr0 & CR0_PG and st.cr4 & CR4_PAE and not st.efer & EFER_LMA:
+        if l2.tdp is not None and st.cr0 & CR0_PG and st.cr4 & CR4_PAE and not st.efer & EFER_LMA:
             # KVM sync_vmcs02_to_vmcs12: with EPT, PAE paging's PDPTE registers go to vmcs12
-            pdptes = l2.ept.pdptes or self._pdptes_from_memory(l2.ept, st.cr3)
+            pdptes = l2.tdp.pdptes or self._pdptes_from_memory(l2.tdp, st.cr3)
             for i, pdpte in enumerate(pdptes):
                 v12[f"guest_pdptr{i}"] = pdpte
             n += 4
@@ -1038,14 +1056,14 @@ class NestedVmx:
         return n
 
     @staticmethod
-    def _pdptes_from_memory(ept: Ept, cr3: int) -> tuple[int, ...]:
+    def _pdptes_from_memory(tdp: TwoDimensional, cr3: int) -> tuple[int, ...]:
         """The PDPTEs L2's last MOV to CR3 loaded (SDM 4.4.1), through EPT; 0 where EPT
         refuses the read."""
         out = []
         for i in range(4):
             try:
-                out.append(struct.unpack("<Q", ept.data().read((cr3 & 0xFFFFFFE0) + 8 * i, 8))[0])
-            except EptFault:
+                out.append(struct.unpack("<Q", tdp.data().read((cr3 & 0xFFFFFFE0) + 8 * i, 8))[0])
+            except TdpFault:
                 out.append(0)
         return tuple(out)
 

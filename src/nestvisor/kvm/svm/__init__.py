@@ -1,0 +1,1 @@
+"""Nested SVM: KVM's arch/x86/kvm/svm/nested.c."""
