@@ -35,16 +35,19 @@ def test_vmxtest_guest_passes():
     m, text, result = _run("vmxtest")
     parsed = tap.parse(text)
     assert parsed.complete and not parsed.failed, text
-    assert len(parsed.tests) == 30
+    assert len(parsed.tests) == 36
     assert result.status == 1, text
     stats = m.vcpus[0].nested.stats
     # every nested exit the guest caused, by reason (SDM Appendix C numbers, as L1 saw them)
-    assert stats["exit_CPUID"] == 10
+    assert stats["exit_CPUID"] == 20   # 10 without EPT, 10 under an identity EPT
     for reason in ("IO_INSTRUCTION", "HLT", "MSR_READ", "CR_ACCESS", "EXCEPTION_NMI",
                    "EXTERNAL_INTERRUPT", "TRIPLE_FAULT", "INVALID_STATE", "INTERRUPT_WINDOW", "INVD", "PREEMPTION_TIMER",
                    "INVEPT", "INVVPID"):
         assert stats[f"exit_{reason}"] >= 1, reason
-    assert stats["INVEPT"] == 8 and stats["INVVPID"] == 13   # in L1; two of the INVVPIDs fault (#GP, #SS)
+    # under L1's EPT: a page past the map and a read-only page; write-only and memory type 7
+    assert stats["exit_EPT_VIOLATION"] == 2 and stats["exit_EPT_MISCONFIG"] == 2
+    # in L1: 8 in the INVEPT test, 14 by the EPT tests; two of the INVVPIDs fault (#GP, #SS)
+    assert stats["INVEPT"] == 22 and stats["INVVPID"] == 13
 
 
 @needs_as

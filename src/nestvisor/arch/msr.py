@@ -44,3 +44,6 @@ KERNEL_GS_BASE = 0xC0000102
 
 # KVM paravirtual MSRs that kvm-unit-tests probe; not advertised, so they #GP.
 MSR_KVM_WALL_CLOCK_NEW = 0x4B564D00
+# AMD legacy performance counters (APM vol. 2 13.2.1): EVNTSEL0-3, PERFCTR0-3
+MSR_K7_EVNTSEL0 = 0xC0010000
+MSR_K7_PERFCTR3 = 0xC0010007

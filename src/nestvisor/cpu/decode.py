@@ -58,6 +58,7 @@ class Op(IntEnum):
     CLGI = 45
     SKINIT = 46
     INVLPGA = 47
+    RSM = 48                 # #UD outside SMM; decoded from the #UD for the SVM RSM intercept
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +210,7 @@ def _decode(code: bytes, bits: int) -> Insn | None:
         return None
     b = code[i]
     i += 1
-    simple = {0x30: Op.WRMSR, 0x32: Op.RDMSR, 0x31: Op.RDTSC, 0xA2: Op.CPUID, 0x06: Op.CLTS,
+    simple = {0x30: Op.WRMSR, 0x32: Op.RDMSR, 0x31: Op.RDTSC, 0xA2: Op.CPUID, 0x06: Op.CLTS, 0xAA: Op.RSM,
               0x08: Op.INVD, 0x09: Op.WBINVD}
     if b in simple:
         return Insn(simple[b], i)

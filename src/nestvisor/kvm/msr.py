@@ -229,6 +229,10 @@ def _build_table() -> dict[int, MsrRow]:
         M.IA32_TSC_AUX: _stored("TSC_AUX", 0, _tsc_aux_ok, "rdtscp"),
         M.IA32_TSC_DEADLINE: MsrRow("TSC_DEADLINE", lambda v: v.lapic.tsc_deadline, lambda v, x, h: v.lapic.set_tsc_deadline(x), "tsc-deadline"),
     }
+    # KVM kvm_get_msr_common / kvm_set_msr_common without a vPMU: the legacy AMD counters
+    # and event selects read 0 and ignore writes
+    for index in range(M.MSR_K7_EVNTSEL0, M.MSR_K7_PERFCTR3 + 1):
+        t[index] = MsrRow(f"K7_PERF_{index:#x}", lambda v: 0, lambda v, x, h: None)
     for index in range(V.IA32_VMX_BASIC, V.IA32_VMX_VMFUNC + 1):
         t[index] = MsrRow(f"VMX_{index:#x}", _vmx_cap_read(index), None, "vmx")
     for i in range(MTRR_VAR_COUNT):

@@ -693,6 +693,10 @@ class Vcpu:
                     except GuestFault as f:
                         self._queue_fault(f)
                     return True, None
+            elif isinstance(nested, NestedSvm) and nested.guest_mode and insn is not None \
+                    and insn.op == Op.RSM and nested.wants_insn(insn):
+                nested.vmexit(nested.insn_exit(insn))   # APM 15.9: the RSM intercept comes before its #UD
+                return True, None
             elif nested.guest_mode:
                 return False, None   # e.g. VMMCALL on an Intel CPU: L2's #UD, which L1 may intercept
         return self._hypercall(), None

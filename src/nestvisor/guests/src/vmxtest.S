@@ -7,7 +7,9 @@
  * and L2 guests that exit to this L1 for CPUID, I/O, HLT, RDMSR through the
  * MSR bitmap, CR3 reads, VMCALL, exceptions in the exception bitmap,
  * external interrupts, triple faults, INVEPT and INVVPID, with event
- * injection on entry; INVEPT and INVVPID in L1 with good and bad operands.
+ * injection on entry; INVEPT and INVVPID in L1 with good and bad operands;
+ * L2 under EPT tables this L1 builds (remapping, violations, misconfigurations,
+ * accessed and dirty flags, INVEPT).
  *
  * L2 shares L1's GDT, IDT and page tables and runs in 64-bit mode on its
  * own stack; its general registers are saved in l2_regs at every exit and
@@ -32,6 +34,24 @@
 .set EPTP_WB_4LEVEL, 6 | (3 << 3)     /* memory type WB, page-walk length 4 (SDM 25.6.11) */
 .set EPTP_AD, 1 << 6
 .set NONCANONICAL, 0x8000000000000000
+/* EPT entries (SDM 29.3.2, Tables 29-1 to 29-6) */
+.set EPT_R, 1 << 0
+.set EPT_W, 1 << 1
+.set EPT_RWX, 7
+.set EPT_WB, 6 << 3                   /* memory type of a page (leaf entries only) */
+.set EPT_LARGE, 1 << 7
+.set EPT_A, 1 << 8
+.set EPT_D, 1 << 9
+/* ept_build's map: guest-physical [0, EPT_MAPPED) identity, in 2 MiB pages except the
+ * 2 MiB around EPT_PAGE, which ept_pt maps in 4 KiB pages with EPT_PAGE sent elsewhere */
+.set EPT_MAPPED, 8 << 20
+.set EPT_PAGE, 0x403000
+.set EPT_PDE_OFF, (EPT_PAGE >> 21) * 8              /* in ept_pd */
+.set EPT_PTE_OFF, ((EPT_PAGE >> 12) & 511) * 8      /* in ept_pt */
+/* L1's PDPT[1] -> pd_low: linear ALIAS + x is guest-physical x, so an L2 address that
+ * EPT refuses has a linear address that differs from its guest-physical one */
+.set ALIAS, 1 << 30
+.set EPT_LINEAR, ALIAS + EPT_PAGE + 0x10     /* what the EPT tests' L2 reads and writes */
 
     TESTS_BEGIN
     DEFTEST t_vmx_feature, vmx_feature, "CPUID.1:ECX.VMX and IA32_VMX_BASIC (revision 0x11e57ed0, TRUE controls)"
@@ -63,6 +83,12 @@
     DEFTEST t_shadow_vmcs, shadow_vmcs, "VMCS shadowing: L2's VMREAD/VMWRITE use the shadow VMCS; a bitmap bit makes VMREAD exit"
     DEFTEST t_l2_invalidate, l2_invalidate, "L2's INVVPID and INVEPT exit (reasons 53, 50) with instruction information"
     DEFTEST t_l2_triple_fault, l2_triple_fault, "a triple fault in L2 exits to L1 (reason 2)"
+    DEFTEST t_ept_identity, ept_identity, "EPT identity map: L2's CPUID exits work; a guest-physical address past the map is an EPT violation"
+    DEFTEST t_ept_remap, ept_remap, "EPT maps an L2 guest-physical page to another L1 page: L2 reads that page"
+    DEFTEST t_ept_violation, ept_violation, "EPT violation: L2's write to a read-only page exits (reason 48, qualification 0x18a, GPA, linear); resumed after L1 allows it"
+    DEFTEST t_ept_misconfig, ept_misconfig, "EPT misconfiguration: write-only or memory type 7 exits (reason 49) with the GPA"
+    DEFTEST t_ept_ad, ept_ad, "EPT A/D flags: a read sets A, a write D in the leaf; none without EPTP bit 6"
+    DEFTEST t_ept_invept, ept_invept, "after INVEPT (single-, then all-context) L2 sees the new EPT mapping"
     DEFTEST t_vmxoff, vmxoff, "VMXOFF leaves VMX operation; VMREAD is then #UD"
     TESTS_END
 
@@ -397,10 +423,10 @@ l2_cpuid_loop:
     vmcall
     ud2
 
-t_l2_cpuid:
+/* serve_cpuid: launch L2 and answer its CPUID exits with EBX = 7 until another exit;
+ * rax = that exit's reason, rdx = how many CPUID exits there were */
+serve_cpuid:
     push %r12
-    lea l2_cpuid_loop(%rip), %rdi
-    call vmcs_setup
     xor %r12d, %r12d
     mov $1, %edi
 1:  call vm_enter
@@ -411,11 +437,19 @@ t_l2_cpuid:
     call skip_l2_insn
     xor %edi, %edi
     jmp 1b
-2:  mov %rax, %rbx
+2:  mov %r12, %rdx
+    pop %r12
+    ret
+
+t_l2_cpuid:
+    lea l2_cpuid_loop(%rip), %rdi
+    call vmcs_setup
+    call serve_cpuid
+    mov %rdx, %r12
+    mov %rax, %rbx
     EXPECT_EQ %rbx, $EXIT_VMCALL
     EXPECT_EQ %r12, $CPUID_EXITS
     EXPECT_EQ l2_regs+8*3(%rip), $(7*CPUID_EXITS)
-    pop %r12
     ret
 
 /* L2: one instruction per exit reason, in order */
@@ -698,6 +732,258 @@ t_l2_triple_fault:
     EXPECT_EQ %rbx, $EXIT_TRIPLE_FAULT
     ret
 
+/* ------------------------------------------------------------------ */
+/* L2 under EPT */
+
+/* ept_build: EPT tables in ept_pml4, ept_pdpt, ept_pd, ept_pt mapping guest-physical
+ * [0, EPT_MAPPED) to the same L1 addresses, write-back, read/write/execute, with EPT_PAGE
+ * sent to ept_target, accessed and dirty flags clear; and linear ALIAS + x to x in L1's
+ * paging, which L2 shares (rax, rcx, rdi clobbered) */
+ept_build:
+    lea ept_pml4(%rip), %rdi
+    mov $4 * 512, %ecx
+    xor %eax, %eax
+    rep stosq
+    lea ept_pdpt + EPT_RWX(%rip), %rax   /* a non-leaf entry: the table's address and rights */
+    mov %rax, ept_pml4(%rip)
+    lea ept_pd + EPT_RWX(%rip), %rax
+    mov %rax, ept_pdpt(%rip)
+    lea ept_pd(%rip), %rdi
+    mov $EPT_LARGE | EPT_WB | EPT_RWX, %eax
+1:  mov %rax, (%rdi)                  /* 2 MiB pages */
+    add $8, %rdi
+    add $1 << 21, %rax
+    cmp $EPT_MAPPED, %rax
+    jb 1b
+    lea ept_pt + EPT_RWX(%rip), %rax
+    mov %rax, ept_pd + EPT_PDE_OFF(%rip)
+    lea ept_pt(%rip), %rdi
+    mov $(EPT_PAGE & ~0x1FFFFF) | EPT_WB | EPT_RWX, %eax
+2:  mov %rax, (%rdi)                  /* 4 KiB pages */
+    add $8, %rdi
+    add $1 << 12, %rax
+    cmp $(EPT_PAGE & ~0x1FFFFF) + (1 << 21), %rax
+    jb 2b
+    lea ept_target + EPT_WB + EPT_RWX(%rip), %rax
+    mov %rax, ept_pt + EPT_PTE_OFF(%rip)
+    lea pd_low + PTE_P + PTE_RW(%rip), %rax
+    mov %rax, pdpt + 8(%rip)
+    ret
+
+/* ept_flush: INVEPT single-context of ept_eptp (rax, rbx clobbered; vm_flags set) */
+ept_flush:
+    INV_TRY invept, $INVEPT_SINGLE, ept_eptp(%rip), $0
+    ret
+
+/* ept_setup(rdi = L2 entry point, rsi = EPTP_AD or 0): vmcs_setup, then fresh EPT tables
+ * (ept_build), enable EPT with ept_eptp (WB, 4 levels) and VPID 1, and L2's RSI =
+ * EPT_LINEAR. With a VPID, L2's cached translations may outlive a VM entry, even of
+ * another VMCS (SDM 29.4 "Caching Translation Information"), so tables that changed since
+ * the last run are made current by INVEPT, as a hypervisor must. */
+ept_setup:
+    push %r12
+    mov %rsi, %r12
+    call vmcs_setup
+    call ept_build
+    ENABLE_SECONDARY SEC_EPT | SEC_VPID
+    VMWRITE_I VIRTUAL_PROCESSOR_ID, $1
+    lea ept_pml4 + EPTP_WB_4LEVEL(%rip), %rax
+    or %r12, %rax
+    mov %rax, ept_eptp(%rip)
+    VMWRITE_I EPT_POINTER, ept_eptp(%rip)
+    movq $EPT_LINEAR, l2_regs + 8 * 6(%rip)
+    call ept_flush
+    pop %r12
+    ret
+
+/* EPT_SET_PTE entry: EPT_PAGE's EPT entry := entry (an L1 address plus bits), then INVEPT
+ * single-context (rax, rbx clobbered) */
+.macro EPT_SET_PTE entry
+    lea \entry(%rip), %rax
+    mov %rax, ept_pt + EPT_PTE_OFF(%rip)
+    call ept_flush
+.endm
+
+/* L2 of the EPT tests: read the quadword at RSI into RBX, VMCALL, write EAX there, VMCALL */
+l2_ept_touch:
+    mov (%rsi), %rbx
+    vmcall
+l2_ept_write:
+    mov %eax, (%rsi)
+    vmcall
+    ud2
+
+t_ept_identity:
+    lea l2_cpuid_loop(%rip), %rdi
+    xor %esi, %esi
+    call ept_setup
+    call serve_cpuid
+    mov %rdx, %r12
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    EXPECT_EQ %r12, $CPUID_EXITS
+    EXPECT_EQ l2_regs+8*3(%rip), $(7*CPUID_EXITS)
+    /* then a read of a guest-physical address L1's paging maps and EPT does not */
+    lea l2_ept_touch(%rip), %rbx
+    VMWRITE_I GUEST_RIP, %rbx
+    movq $EPT_MAPPED + 0x10, l2_regs + 8 * 6(%rip)
+    xor %edi, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_EPT_VIOLATION
+    VMREAD_R EXIT_QUALIFICATION, %rbx
+    EXPECT_EQ %rbx, $0x181            /* read; no rights (the PDE is not present); linear, the access to it */
+    VMREAD_R GUEST_PHYSICAL_ADDRESS, %rbx
+    EXPECT_EQ %rbx, $EPT_MAPPED + 0x10
+    ret
+
+t_ept_remap:
+    lea l2_ept_touch(%rip), %rdi
+    xor %esi, %esi
+    call ept_setup
+    mov $0x1122334455667788, %rax
+    mov %rax, ept_target + 0x10(%rip)
+    movq $0xBAD, EPT_PAGE + 0x10      /* what L2 would read without EPT */
+    mov $1, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    mov $0x1122334455667788, %rbx
+    EXPECT_EQ l2_regs+8*3(%rip), %rbx
+    ret
+
+t_ept_violation:
+    lea l2_ept_touch(%rip), %rdi
+    xor %esi, %esi
+    call ept_setup
+    EPT_SET_PTE ept_target + EPT_WB + EPT_R
+    movq $0, ept_target + 0x10(%rip)
+    movq $0x600DF00D, l2_regs(%rip)   /* L2's EAX: what it writes */
+    mov $1, %edi
+    call vm_enter                     /* the read is allowed */
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    call skip_l2_insn
+    xor %edi, %edi
+    call vm_enter                     /* the write is not */
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_EPT_VIOLATION
+    VMREAD_R EXIT_QUALIFICATION, %rbx
+    EXPECT_EQ %rbx, $0x18A            /* write; readable; linear address valid, the access to it (SDM Table 28-7) */
+    VMREAD_R GUEST_PHYSICAL_ADDRESS, %rbx
+    EXPECT_EQ %rbx, $EPT_PAGE + 0x10
+    VMREAD_R GUEST_LINEAR_ADDRESS, %rbx
+    EXPECT_EQ %rbx, $EPT_LINEAR
+    VMREAD_R GUEST_RIP, %rbx          /* fault-like: RIP at the write, nothing written */
+    lea l2_ept_write(%rip), %rax
+    EXPECT_EQ %rbx, %rax
+    EXPECT_EQ ept_target + 0x10(%rip), $0
+    EPT_SET_PTE ept_target + EPT_WB + EPT_RWX
+    xor %edi, %edi
+    call vm_enter                     /* the write again, now allowed */
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    EXPECT_EQ ept_target + 0x10(%rip), $0x600DF00D
+    ret
+
+t_ept_misconfig:
+    lea l2_ept_touch(%rip), %rdi
+    xor %esi, %esi
+    call ept_setup
+    EPT_SET_PTE ept_target + EPT_WB + EPT_W    /* writable, not readable */
+    mov $1, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_EPT_MISCONFIG
+    VMREAD_R GUEST_PHYSICAL_ADDRESS, %rbx
+    EXPECT_EQ %rbx, $EPT_PAGE + 0x10
+    EPT_SET_PTE ept_target + (7 << 3) + EPT_RWX   /* memory type 7 is reserved */
+    xor %edi, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_EPT_MISCONFIG
+    VMREAD_R GUEST_PHYSICAL_ADDRESS, %rbx
+    EXPECT_EQ %rbx, $EPT_PAGE + 0x10
+    EPT_SET_PTE ept_target + EPT_WB + EPT_RWX
+    xor %edi, %edi
+    call vm_enter                     /* the read completes */
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    ret
+
+t_ept_ad:
+    lea l2_ept_touch(%rip), %rdi
+    mov $EPTP_AD, %esi
+    call ept_setup
+    mov $1, %edi
+    call vm_enter                     /* L2 reads EPT_PAGE */
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    mov ept_pt + EPT_PTE_OFF(%rip), %rbx
+    EXPECT_MASK %rbx, EPT_A | EPT_D, EPT_A
+    mov ept_pd + EPT_PDE_OFF(%rip), %rbx
+    EXPECT_MASK %rbx, EPT_A | EPT_D, EPT_A    /* every entry used gets A; D only a page's */
+    call skip_l2_insn
+    xor %edi, %edi
+    call vm_enter                     /* and writes it */
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    mov ept_pt + EPT_PTE_OFF(%rip), %rbx
+    EXPECT_MASK %rbx, EPT_A | EPT_D, EPT_A | EPT_D
+    mov ept_pd + EPT_PDE_OFF(%rip), %rbx
+    EXPECT_MASK %rbx, EPT_D, 0
+    /* the same accesses with A/D flags off in the EPTP */
+    lea l2_ept_touch(%rip), %rdi
+    xor %esi, %esi
+    call ept_setup
+    mov $1, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    call skip_l2_insn
+    xor %edi, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    mov ept_pt + EPT_PTE_OFF(%rip), %rbx
+    EXPECT_MASK %rbx, EPT_A | EPT_D, 0
+    mov ept_pd + EPT_PDE_OFF(%rip), %rbx
+    EXPECT_MASK %rbx, EPT_A | EPT_D, 0
+    ret
+
+/* Without INVEPT, L2 (with a VPID) may keep using the old mapping; that is allowed, not
+ * required, so only what INVEPT guarantees is checked: the new mapping after it. */
+t_ept_invept:
+    lea l2_ept_touch(%rip), %rdi
+    xor %esi, %esi
+    call ept_setup
+    movq $0x1111, ept_target + 0x10(%rip)
+    movq $0x2222, ept_target2 + 0x10(%rip)
+    mov $1, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    EXPECT_EQ l2_regs+8*3(%rip), $0x1111
+    EPT_SET_PTE ept_target2 + EPT_WB + EPT_RWX   /* with INVEPT single-context */
+    lea l2_ept_touch(%rip), %rbx      /* L2 reads again */
+    VMWRITE_I GUEST_RIP, %rbx
+    xor %edi, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    EXPECT_EQ l2_regs+8*3(%rip), $0x2222
+    lea ept_target + EPT_WB + EPT_RWX(%rip), %rax
+    mov %rax, ept_pt + EPT_PTE_OFF(%rip)
+    INV_TRY invept, $INVEPT_ALL, $0, $0
+    lea l2_ept_touch(%rip), %rbx
+    VMWRITE_I GUEST_RIP, %rbx
+    xor %edi, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_VMCALL
+    EXPECT_EQ l2_regs+8*3(%rip), $0x1111
+    ret
+
 t_vmxoff:
     vmxoff
     SAVE_VMFLAGS
@@ -718,6 +1004,7 @@ vmptr_out:    .quad 0
 io_qual:      .quad 0
 cr_qual:      .quad 0
 inv_desc:     .quad 0, 0            /* an INVEPT/INVVPID descriptor */
+ept_eptp:     .quad 0               /* the EPTP of the EPT tests */
 exit_log:     .skip 8 * 16
 zero_idt:     .word 0
               .quad 0
@@ -728,4 +1015,9 @@ bad_vmcs:     .skip 4096
 shadow_vmcs:  .skip 4096
 vmread_bitmap:  .skip 4096
 vmwrite_bitmap: .skip 4096
-ept_pml4:     .skip 4096            /* only its address is used: no entry runs with EPT */
+ept_pml4:     .skip 4096            /* EPT tables (ept_build): PML4, PDPT, PD, one PT */
+ept_pdpt:     .skip 4096
+ept_pd:       .skip 4096
+ept_pt:       .skip 4096
+ept_target:   .skip 4096            /* where EPT sends L2's EPT_PAGE */
+ept_target2:  .skip 4096

@@ -44,7 +44,7 @@ _INSN_INTERCEPT = {
     Op.CPUID: "CPUID", Op.HLT: "HLT", Op.INVLPG: "INVLPG", Op.RDTSC: "RDTSC", Op.RDTSCP: "RDTSCP",
     Op.PAUSE: "PAUSE", Op.WBINVD: "WBINVD", Op.INVD: "INVD", Op.XSETBV: "XSETBV",
     Op.VMRUN: "VMRUN", Op.VMMCALL: "VMMCALL", Op.VMLOAD: "VMLOAD", Op.VMSAVE: "VMSAVE",
-    Op.STGI: "STGI", Op.CLGI: "CLGI", Op.SKINIT: "SKINIT", Op.INVLPGA: "INVLPGA",
+    Op.STGI: "STGI", Op.CLGI: "CLGI", Op.SKINIT: "SKINIT", Op.INVLPGA: "INVLPGA", Op.RSM: "RSM",
 }
 
 
@@ -432,16 +432,17 @@ class NestedSvm:
             return SvmExit(S.EXIT[f"CR{n}_WRITE"], next_rip=next_rip)
         if n == 0 and op != Op.CLTS and self._intercepted("SELECTIVE_CR0"):
             old = self.v.ctx.reg_cr(0)
-            new = self._cr0_operand(insn, old)
-            if (old ^ new) & ~S.SVM_CR0_SELECTIVE_MASK:
+            if op == Op.LMSW:
+                # APM 15.9.2: LMSW is caught when it changes any of CR0[3:0], MP and TS included
+                # (it cannot clear PE); a memory operand is taken as a change
+                if insn.mem is not None:
+                    return SvmExit(S.EXIT["CR0_SEL_WRITE"], next_rip=next_rip)
+                changed = (old ^ (self.v.ctx.gpr(insn.reg) | (old & 1))) & 0xF
+            else:
+                changed = (old ^ self.v.ctx.gpr(insn.reg)) & ~S.SVM_CR0_SELECTIVE_MASK
+            if changed:
                 return SvmExit(S.EXIT["CR0_SEL_WRITE"], next_rip=next_rip)
         return None
-
-    def _cr0_operand(self, insn: Insn, old: int) -> int:
-        if insn.op == Op.LMSW:
-            src = self.v.ctx.gpr(insn.reg) if insn.mem is None else 0
-            return (old & ~0xE) | (src & 0xF) | (old & 1)
-        return self.v.ctx.gpr(insn.reg)
 
     def exception_exit(self, vector: int, error_code: int | None, payload: int | None,
                        privileged: bool = False) -> SvmExit | None:
@@ -461,6 +462,8 @@ class NestedSvm:
         """The exit for an event L1 intercepts: "NMI", "INTR", "INTR_WINDOW" (VINTR),
         "TRIPLE_FAULT" (SHUTDOWN)."""
         name = {"NMI": "NMI", "INTR": "INTR", "INTR_WINDOW": "VINTR", "TRIPLE_FAULT": "SHUTDOWN"}[kind]
+        if kind == "INTR":
+            self._trace("kvm_nested_intr_vmexit", rip=self.v.ctx.rip)   # KVM nested_svm_intr
         return SvmExit(S.EXIT[name])
 
     # ---- event intercepts and GIF --------------------------------------------------------------
