@@ -362,6 +362,8 @@ class ExecContext:
     def flush_tlb(self) -> None:
         """The linear->physical map changed: drop unicorn's TLB and our per-page site records."""
         N.uc_ctl0(self.h, N.CTL_TLB_FLUSH)
+        if self.tdp is not None:
+            self.tdp.flush()
         N.traplib.nv_flush(self._tp)
         self._decoded.clear()
         for _, lins in self._scanned.values():

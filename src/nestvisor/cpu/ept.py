@@ -68,7 +68,7 @@ def _rights(access: int) -> int:
 class Ept(TwoDimensional):
     """L1's EPT hierarchy rooted at an EPTP, over L1 guest-physical memory `mem`."""
 
-    __slots__ = ("mem", "eptp", "root", "ad", "exec_only", "maxphyaddr", "pdptes", "paging_writes", "_addr",
+    __slots__ = ("mem", "eptp", "root", "ad", "exec_only", "maxphyaddr", "pdptes", "paging_writes", "_walked", "_addr",
                  "_high_rsvd")
 
     def __init__(self, mem: PhysMemory, eptp: int, maxphyaddr: int, *, exec_only: bool = True) -> None:
@@ -83,6 +83,7 @@ class Ept(TwoDimensional):
         self.pdptes = None
         # SDM 29.3.5: with EPT A/D enabled, paging-structure accesses are writes for EPT
         self.paging_writes = self.ad
+        self._walked = {}
 
     def translate(self, gpa: int, access: int, *, linear: int | None = None, translated: bool = True,
                   set_ad: bool = True) -> int:

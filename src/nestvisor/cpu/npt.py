@@ -42,7 +42,7 @@ class Npt(TwoDimensional):
     """L1's nested page tables at `ncr3`, in the paging mode L1's CR4/EFER select (KVM
     nested_svm_init_mmu_context takes them from vmcb01)."""
 
-    __slots__ = ("mem", "ncr3", "cr0", "cr4", "efer", "maxphyaddr", "pdptes", "paging_writes")
+    __slots__ = ("mem", "ncr3", "cr0", "cr4", "efer", "maxphyaddr", "pdptes", "paging_writes", "_walked")
 
     def __init__(self, mem: PhysMemory, ncr3: int, l1_cr4: int, l1_efer: int, maxphyaddr: int) -> None:
         self.mem = mem
@@ -53,6 +53,7 @@ class Npt(TwoDimensional):
         self.maxphyaddr = maxphyaddr
         self.pdptes = None
         self.paging_writes = True
+        self._walked = {}
 
     def translate(self, gpa: int, access: int, *, linear: int | None = None, translated: bool = True,
                   set_ad: bool = True) -> int:

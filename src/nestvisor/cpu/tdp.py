@@ -38,18 +38,40 @@ class TdpFault(Exception):
 
 
 class TwoDimensional:
-    """The walk shared by EPT and NPT; subclasses define `translate`."""
+    """The walk shared by EPT and NPT; subclasses define `translate` and set these."""
 
+    __slots__ = ()
     mem: PhysMemory
     maxphyaddr: int
     paging_writes: bool
     # L2's PAE PDPTE registers when VM entry loaded them from the VMCS (EPT); None while they
     # come from memory at L2's CR3
-    pdptes: Sequence[int] | None = None
+    pdptes: Sequence[int] | None
+    # second-level page -> (L1 page, access bits walked with A/D set), since the last flush
+    _walked: dict[int, tuple[int, int]]
 
     def translate(self, gpa: int, access: int, *, linear: int | None = None, translated: bool = True,
                   set_ad: bool = True) -> int:
         raise NotImplementedError
+
+    def lookup(self, gpa: int, access: int, *, linear: int | None = None, translated: bool = True,
+               set_ad: bool = True) -> int:
+        """`translate` through a cache of the second-level translations already walked (with
+        their A/D flags set) since the last TLB flush, as a CPU caches them (SDM 29.4, APM
+        15.16): L1 changing its tables is seen after INVEPT / a VMRUN TLB flush."""
+        cache = self._walked
+        page = gpa >> 12
+        hit = cache.get(page)
+        if hit is not None and not access & ~hit[1]:
+            return hit[0] | (gpa & 0xFFF)
+        hpa = self.translate(gpa, access, linear=linear, translated=translated, set_ad=set_ad)
+        if set_ad:
+            cache[page] = (hpa & ~0xFFF, access | (hit[1] if hit is not None and hit[0] == hpa & ~0xFFF else 0))
+        return hpa
+
+    def flush(self) -> None:
+        """Forget the cached translations (a TLB flush of the L2 context)."""
+        self._walked = {}
 
     def walker(self, linear: int, *, set_ad: bool = True) -> _PagingStructures:
         """L2 guest-physical memory for the paging-structure accesses of translating `linear`."""
@@ -66,7 +88,7 @@ class TwoDimensional:
         gpa = translate(self.walker(linear, set_ad=set_ad), cr0, cr3, cr4, efer, linear, write=write, user=user,
                         fetch=fetch, set_ad=set_ad, maxphyaddr=self.maxphyaddr, pdptes=self.pdptes)
         access = ACCESS_WRITE if write else ACCESS_FETCH if fetch else ACCESS_READ
-        return self.translate(gpa, access, linear=linear, set_ad=set_ad)
+        return self.lookup(gpa, access, linear=linear, set_ad=set_ad)
 
     def fill(self, linear: int, access: int, cr0: int, cr3: int, cr4: int, efer: int,
              user: bool) -> tuple[int, int]:
@@ -104,13 +126,13 @@ class _PagingStructures:
 
     def read(self, gpa: int, size: int) -> bytes:
         access = ACCESS_READ | (ACCESS_WRITE if self.tdp.paging_writes else 0)
-        hpa = self.tdp.translate(gpa, access, linear=self.linear, translated=False, set_ad=self.set_ad)
+        hpa = self.tdp.lookup(gpa, access, linear=self.linear, translated=False, set_ad=self.set_ad)
         return self.tdp.mem.read(hpa, size)
 
     def write(self, gpa: int, data: bytes) -> None:
         # the guest's A/D update: read then write of the entry
-        hpa = self.tdp.translate(gpa, ACCESS_READ | ACCESS_WRITE, linear=self.linear, translated=False,
-                                 set_ad=self.set_ad)
+        hpa = self.tdp.lookup(gpa, ACCESS_READ | ACCESS_WRITE, linear=self.linear, translated=False,
+                              set_ad=self.set_ad)
         self.tdp.mem.write(hpa, data)
 
 
@@ -135,7 +157,7 @@ class _Data:
         pieces = []
         while size > 0:
             n = min(size, 0x1000 - (gpa & 0xFFF))
-            pieces.append((self.tdp.translate(gpa, access, linear=self.linear), n))
+            pieces.append((self.tdp.lookup(gpa, access, linear=self.linear), n))
             gpa += n
             size -= n
         if data is None:

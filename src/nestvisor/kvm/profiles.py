@@ -9,6 +9,7 @@ nested VMX/SVM are in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..arch import cpuid as F
 from ..arch import svm as S
@@ -59,7 +60,12 @@ class Profile:
 
     def has(self, feature: str) -> bool:
         leaf, reg, bit = F.FEATURES[feature]
-        return bool(self.table()[(leaf, 0)][F.REG_INDEX[reg]] >> bit & 1)
+        return bool(self._advertised[(leaf, 0)][F.REG_INDEX[reg]] >> bit & 1)
+
+    @cached_property
+    def _advertised(self) -> dict[tuple[int, int], Leaf]:
+        # has() sits on nested paths (every VMRUN checks EFER and CR4): build the table once
+        return self.table()
 
     def table(self) -> dict[tuple[int, int], Leaf]:
         """The CPUID table this profile advertises (KVM_GET_SUPPORTED_CPUID's answer)."""
