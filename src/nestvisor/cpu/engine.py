@@ -484,7 +484,9 @@ class ExecContext:
         if self._error is not None:
             e, self._error = self._error, None
             raise e
-        if err == ucc.UC_ERR_EXCEPTION and self._fill_fault is not None and self.trap.stop_reason == N.NV_STOP_NONE:
+        if err == ucc.UC_ERR_EXCEPTION and self.tdp is not None and self._fill_fault is None:
+            err = 0   # only unicorn's probe of the `until` page failed (see _on_tlb_fill)
+        if err == ucc.UC_ERR_EXCEPTION and self._fill_fault is not None:
             f, self._fill_fault = self._fill_fault, None
             if isinstance(f, PageFault):
                 self.exception = RaisedException(14, f.error_code, False, 0, f.linear)

@@ -497,7 +497,8 @@ class Vcpu:
             # SDM 6.7.1: NMIs are blocked until the next IRET (which clears this natively)
             self.ctx.patch_hflags(set2=HF2_NMI)
             return ex
-        if self.ctx.rflags & RFLAGS_IF:
+        # APM 15.21.1: under V_INTR_MASKING L1's RFLAGS.IF masks physical interrupts in L2 too
+        if self.ctx.rflags & RFLAGS_IF and (nested is None or not nested.guest_mode or nested.physical_if()):
             if self.ext_interrupts:
                 vector = self.ext_interrupts.pop(0)
             else:
@@ -533,7 +534,8 @@ class Vcpu:
         elif not nested.gif:
             pass   # APM 15.17: GIF = 0 holds interrupts and NMIs, intercepted or not
         elif self.nmi_pending and nested.exits_on_nmi() and not self.ctx.hflags2() & HF2_NMI:
-            self.nmi_pending -= 1
+            if nested.nmi_exit_delivers:
+                self.nmi_pending -= 1
             e = nested.event_exit("NMI")
         elif nested.exits_on_intr() and self._interrupt_pending() and nested.physical_if():
             vector = None
@@ -947,7 +949,7 @@ class Vcpu:
         exits from L2."""
         nested = self.nested
         return self._interrupt_pending() or (nested is not None and nested.guest_mode
-                                             and nested.intr_window_exiting())
+                                             and (nested.intr_window_exiting() or nested.virq_pending()))
 
     def _mov_ss(self, insn: Insn, rip: int) -> int:
         # The substrate keeps one interrupt-shadow flag; where a MOV SS shadow ends is noted

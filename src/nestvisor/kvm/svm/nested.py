@@ -72,6 +72,8 @@ def attrib_from_segment(s: Segment) -> int:
 class NestedSvm:
     """KVM's struct svm_nested_state for one vCPU."""
 
+    nmi_exit_delivers = False   # APM 15.13.2: an intercepted NMI stays pending for L1 (taken at STGI)
+
     def __init__(self, vcpu: Vcpu) -> None:
         self.v = vcpu
         self.vmxon = False            # the VMX-only protocol members, never set here
@@ -264,6 +266,7 @@ class NestedSvm:
         self._l2_svme = bool(save.efer & EFER_SVME)
         self.v_tpr = ctl.int_ctl & S.V_TPR_MASK
         self.l2_tsc_offset = ctl.tsc_offset
+        self.gif = True   # APM 15.17: VMRUN sets GIF; #VMEXIT clears it
         self.guest_mode = True
         self.v.switch_context(l2)
         # APM 15.20: EVENTINJ is delivered before L2's first instruction
@@ -494,6 +497,10 @@ class NestedSvm:
         if self.ctl.int_ctl & S.V_INTR_MASKING_MASK:
             return bool(self._l1_rflags & RFLAGS_IF)
         return bool(self.v.ctx.rflags & RFLAGS_IF)
+
+    def virq_pending(self) -> bool:
+        assert self.ctl is not None
+        return bool(self.ctl.int_ctl & S.V_IRQ_MASK)
 
     def virtual_interrupt(self) -> int | None:
         """A V_IRQ L2 can take now (APM 15.21.4): its vector, once, when no VINTR intercept

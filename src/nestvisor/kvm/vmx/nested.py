@@ -101,6 +101,8 @@ def segment_from_vmcs(selector: int, base: int, limit: int, ar: int) -> Segment:
 class NestedVmx:
     """KVM's struct nested_vmx for one vCPU."""
 
+    nmi_exit_delivers = True   # SDM 25.2: an NMI that causes a VM exit is not delivered later
+
     def __init__(self, vcpu: Vcpu) -> None:
         self.v = vcpu
         self.caps: VmxCaps = nested_vmx_caps(vcpu.cr4_fixed1())
@@ -943,6 +945,9 @@ class NestedVmx:
             return ExitInfo(X.EXIT["EXTERNAL_INTERRUPT"], intr_info=0 if vector is None else vector | X.INTR_INFO_VALID)
         return ExitInfo(X.EXIT[{"PREEMPTION_TIMER": "PREEMPTION_TIMER", "INTR_WINDOW": "INTERRUPT_WINDOW",
                                 "TRIPLE_FAULT": "TRIPLE_FAULT"}[kind]])
+
+    def virq_pending(self) -> bool:
+        return False   # no virtual-interrupt delivery (APICv) is offered
 
     def virtual_tpr(self) -> bool:
         return False   # no TPR shadow: L2's CR8 is the APIC's TPR unless CR8 exiting catches it
