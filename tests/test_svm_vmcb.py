@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from nestvisor.arch import svm as S
 from nestvisor.kvm.svm import checks
-from nestvisor.kvm.svm.checks import check_controls, check_save
+from nestvisor.kvm.svm.checks import check_controls, check_cr3, check_save
 from nestvisor.kvm.svm.vmcb import (
     Vmcb,
     VmcbCtrlCached,
@@ -372,7 +372,19 @@ CASES: list[tuple[str, Callable[[], object]]] = [
      lambda: _check_save(_save(cs=_V.cs._replace(attrib=_V.cs.attrib | S.SVM_SELECTOR_DB_MASK)))),
     ("CR4 is valid for the vCPU", lambda: _check_save(_save(cr4=_V.cr4 | (1 << 13)))),
     ("EFER is valid for the vCPU", lambda: _check_save(_save(efer=_V.efer | (1 << 20)))),
+    ("CR3 is a legal GPA", lambda: check_cr3(_save(cr3=1 << MAXPHYADDR, efer=0), MAXPHYADDR, False, _no_memory)),
+    ("PAE PDPTEs have no reserved bits set",
+     lambda: check_cr3(_save(cr3=0x1000, efer=_V.efer & ~(1 << 8)), MAXPHYADDR, False, lambda pa: 1 | (1 << 1))),
 ]
+
+
+def _no_memory(pa: int) -> int | None:
+    return None
+
+
+def test_pdptes_are_not_read_under_npt_or_long_mode():
+    assert check_cr3(_save(cr3=0x1000), MAXPHYADDR, False, _no_memory) is None          # long mode
+    assert check_cr3(_save(cr3=0x1000, efer=0), MAXPHYADDR, True, _no_memory) is None   # NPT
 
 
 @pytest.mark.parametrize("rule, run", CASES, ids=[name for name, _ in CASES])

@@ -403,7 +403,7 @@ class Vcpu:
         if self.mp_state != U.KVM_MP_STATE_RUNNABLE:
             return None
         nested = self.nested
-        if nested is not None and nested.guest_mode and nested.intr_window_exiting() \
+        if nested is not None and nested.guest_mode and (nested.intr_window_exiting() or nested.virq_pending()) \
                 and self.ctx.rflags & RFLAGS_IF and self.ctx.hflags() & HF_INHIBIT_IRQ:
             # SDM 26.7.5: the window opens after the one instruction the STI/MOV SS shadow covers
             return self._step_one()

@@ -76,6 +76,25 @@ def _save(s: VmcbSaveCached, maxphyaddr: int, cr4_valid: Callable[[int], bool],
     cc(not efer_valid(s.efer), "EFER is valid for the vCPU", "kvm_valid_efer", efer=s.efer)
 
 
+def check_cr3(s: VmcbSaveCached, maxphyaddr: int, npt: bool,
+              read_u64: Callable[[int], int | None]) -> CheckFailure | None:
+    """KVM nested_svm_load_cr3, which fails VMRUN with SVM_EXIT_ERR too: a legal CR3 in every
+    paging mode, and without NPT, PAE paging's PDPTEs free of reserved bits (SDM 4.4.1)."""
+    return run(_cr3, s, maxphyaddr, npt, read_u64)
+
+
+def _cr3(s: VmcbSaveCached, maxphyaddr: int, npt: bool, read_u64: Callable[[int], int | None]) -> None:
+    src = "nested_svm_load_cr3"
+    cc(not _legal_gpa(s.cr3, maxphyaddr), "CR3 is a legal GPA", src, cr3=s.cr3)
+    if npt or not s.cr0 & CR0_PG or not s.cr4 & CR4_PAE or s.efer & EFER_LME:
+        return
+    reserved = (((1 << 64) - 1) >> maxphyaddr << maxphyaddr) | 0x1E6   # 63:MAXPHYADDR, 8:5, 2:1
+    for i in range(4):
+        pdpte = read_u64((s.cr3 & 0xFFFFFFE0) + 8 * i)
+        cc(pdpte is None or bool(pdpte & 1 and pdpte & reserved), "PAE PDPTEs have no reserved bits set",
+           "load_pdptrs", index=i, pdpte=pdpte or 0)
+
+
 def check_controls(c: VmcbCtrlCached, maxphyaddr: int, npt_enabled: bool) -> CheckFailure | None:
     """KVM nested_vmcb_check_controls on the cached control area; `npt_enabled` is L0's NPT
     (mainline's rule; the newest KVM clears NP_ENABLE in the cache instead when the guest lacks

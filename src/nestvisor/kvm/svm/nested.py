@@ -23,7 +23,7 @@ from ...cpu.faults import gp, ud
 from ...cpu.npt import Npt, NptFault
 from ...cpu.state import ArchState, DescTable, Segment
 from ...cpu.tdp import TdpFault
-from .checks import check_controls, check_save
+from .checks import check_controls, check_cr3, check_save
 from .vmcb import Vmcb, VmcbCtrlCached, VmcbSaveCached, copy_control_to_cache, copy_save_to_cache
 
 if TYPE_CHECKING:
@@ -63,6 +63,11 @@ class SvmExit:
 def segment_from_vmcb(selector: int, attrib: int, limit: int, base: int) -> Segment:
     """APM 15.5.1: the VMCB's 12-bit attribute is the descriptor's bits 8-15 and 20-23."""
     return Segment(selector, base, limit, ((attrib & 0xFF) << 8) | ((attrib >> 8) & 0xF) << 20)
+
+
+def _canonical(addr: int) -> int:
+    """Sign-extend bit 47 (4-level paging's canonical form, SDM 3.3.7.1)."""
+    return (addr & ((1 << 48) - 1)) | (((1 << 16) - 1) << 48 if addr >> 47 & 1 else 0)
 
 
 def attrib_from_segment(s: Segment) -> int:
@@ -171,14 +176,23 @@ class NestedSvm:
             raise gp()
         return rax
 
+    def _read_u64(self, pa: int) -> int | None:
+        if self.v.vm.phys.find(pa) is None:
+            return None
+        return int.from_bytes(self.v.vm.phys.read(pa, 8), "little")
+
     @staticmethod
     def _vmload(vmcb: Vmcb, ctx: ExecContext) -> None:
+        """APM "VMLOAD"; the segment bases and KernelGSBase are loaded canonical (sign-extended
+        from bit 47), as the CPU loads them."""
         st = ctx.get_state()
         for vname, sname in _VMLOAD_SEGS:
-            setattr(st, sname, segment_from_vmcb(*vmcb.seg(vname)))
+            sel, attrib, limit, base = vmcb.seg(vname)
+            setattr(st, sname, segment_from_vmcb(sel, attrib, limit, _canonical(base)))
         ctx.set_state(st)
         for name, index in _VMLOAD_MSRS:
-            ctx.set_cpu_msr(index, vmcb.save(name))
+            value = vmcb.save(name)
+            ctx.set_cpu_msr(index, _canonical(value) if name == "kernel_gs_base" else value)
 
     @staticmethod
     def _vmsave(vmcb: Vmcb, ctx: ExecContext) -> None:
@@ -201,7 +215,8 @@ class NestedSvm:
         save = copy_save_to_cache(vmcb12)
         self.v.ctx.rip = self.v.ctx.rip + insn.length
         failure = check_save(save, self.maxphyaddr, self.v.cr4_valid, self.v.efer_valid) \
-            or check_controls(ctl, self.maxphyaddr, npt_enabled=True)
+            or check_controls(ctl, self.maxphyaddr, npt_enabled=True) \
+            or check_cr3(save, self.maxphyaddr, bool(ctl.nested_ctl & S.NESTED_CTL_NP_ENABLE), self._read_u64)
         if failure is not None:
             # KVM nested_svm_vmrun: vmcb12 gets SVM_EXIT_ERR and L1 continues after VMRUN
             self._trace("kvm_nested_vmenter_failed", check=failure.name, source=failure.source,
