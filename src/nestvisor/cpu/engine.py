@@ -25,7 +25,7 @@ from nestvisor.arch.x86 import AC_VECTOR, CR0_AM, RFLAGS_AC
 from . import context as C
 from . import native as N
 from .decode import Insn, decode
-from .faults import PageFault
+from .faults import GuestFault, PageFault
 from .paging import translate
 from .sites import rescan, scan
 from .state import ArchState
@@ -175,7 +175,7 @@ class ExecContext:
         # L2 under EPT/NPT: unicorn's TLB is filled by the two-dimensional walk (use_tdp)
         self.tdp: TwoDimensional | None = None
         self.tlb_fault: TdpFault | None = None
-        self._fill_fault: PageFault | TdpFault | None = None
+        self._fill_fault: GuestFault | TdpFault | None = None
         self._tlb_hooked = False
         self._u64 = ctypes.c_uint64()
         self._u64p = ctypes.byref(self._u64)
@@ -488,8 +488,8 @@ class ExecContext:
             err = 0   # only unicorn's probe of the `until` page failed (see _on_tlb_fill)
         if err == ucc.UC_ERR_EXCEPTION and self._fill_fault is not None:
             f, self._fill_fault = self._fill_fault, None
-            if isinstance(f, PageFault):
-                self.exception = RaisedException(14, f.error_code, False, 0, f.linear)
+            if isinstance(f, GuestFault):
+                self.exception = RaisedException(f.vector, f.error_code, False, 0, getattr(f, "linear", None))
             else:
                 self.tlb_fault = f
                 return Stop.TDP
@@ -675,7 +675,7 @@ class ExecContext:
         try:
             cr0, cr3, cr4, cs = self.read_batch(_PAGING_REGS)
             paddr, perms = tdp.fill(vaddr, access, cr0, cr3, cr4, self.cpu_msr(MSR_EFER), cs & 3 == 3)
-        except (PageFault, TdpFault) as f:
+        except (GuestFault, TdpFault) as f:
             self._fill_fault = f
             return False
         except BaseException as e:  # noqa: BLE001

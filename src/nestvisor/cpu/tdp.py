@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .faults import PageFault
-from .paging import PhysMemory, translate
+from nestvisor.arch.x86 import CR4_LA57, EFER_LMA
+
+from .faults import GuestFault, PageFault
+from .paging import PhysMemory, is_canonical, translate
 
 __all__ = ["ACCESS_FETCH", "ACCESS_READ", "ACCESS_WRITE", "TdpFault", "TwoDimensional"]
 
@@ -98,6 +100,10 @@ class TwoDimensional:
         The permissions are those of the access plus read/execute when they need no flag
         update; write is granted only to a write, so that the first write to a page reaches
         this walk and sets the dirty flags (guest PTE and second level)."""
+        # unicorn's virtual TLB does not check canonical form: SDM 3.3.7.1, a #GP(0) (a stack
+        # access would be #SS, which the fill cannot tell apart)
+        if efer & EFER_LMA and not is_canonical(linear, bool(cr4 & CR4_LA57)):
+            raise GuestFault(13, 0)
         kind = _ACCESS_OF[access]
         hpa = self.translate_linear(linear, cr0, cr3, cr4, efer, write=kind == ACCESS_WRITE,
                                     fetch=kind == ACCESS_FETCH, user=user)
