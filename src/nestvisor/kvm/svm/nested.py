@@ -256,6 +256,8 @@ class NestedSvm:
             efer=save.efer & ~EFER_SVME)
         if st.cr0 & CR0_PG and st.efer & (1 << 8):
             st.efer |= EFER_LMA
+            if st.cs.l:
+                st.cs.base = 0   # APM 4.12.2: 64-bit mode ignores the CS base (the substrate adds it to RIP)
         # KVM nested_vmcb02_prepare_save: CPL from the cache (the SS.DPL of a VMCB may differ)
         st.ss.flags = (st.ss.flags & ~(3 << 13)) | ((save.cpl & 3) << 13)
         l2.set_state(st)
