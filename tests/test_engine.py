@@ -12,6 +12,7 @@ import pytest
 import nestvisor
 from nestvisor.arch import kvm_uapi as U
 from nestvisor.arch.x86 import CR0_AM, RFLAGS_AC, RFLAGS_FIXED
+from nestvisor.cpu.engine import Stop
 from nestvisor.cpu.sites import scan
 
 pytestmark = pytest.mark.skipif(shutil.which("as") is None, reason="needs GNU as")
@@ -306,6 +307,18 @@ def test_rdtsc_fast_path_matches_python_path(tmp_path, monkeypatch):
     slow = (v.get_regs().r12, v.clock, v.stats["RDTSC"])
     assert fast[:2] == slow[:2]
     assert slow[2] == 200 and fast[2] == 1   # Python saw every RDTSC only without the fast path
+
+
+def test_clock_is_exact_inside_a_block():
+    # one translation block of 40 NOPs and a HLT (real mode at ORG): the clock counts whole
+    # blocks, yet a run stopped inside one has retired exactly the instructions before RIP
+    vm, v = boot(b"\x90" * 40 + b"\xf4")
+    ctx = v.ctx
+    assert ctx.run(1000, limit=13) == Stop.BUDGET         # the limit falls inside the block
+    assert ctx.retired == 13 and ctx.rip == ORG + 13
+    assert ctx.step() == Stop.BUDGET and ctx.retired == 1 and ctx.rip == ORG + 14
+    assert ctx.run(1000) == Stop.TRAP and ctx.retired == 26   # stopped before the HLT site
+    assert ctx.rip == ORG + 40
 
 
 def test_alignment_check_hook_only_while_cr0_am():

@@ -9,7 +9,12 @@
  *   - trap sites: one hook per site address is cheap only if nothing else walks that list
  *     on every instruction.
  * So the clock is kept per translation block: nv_block_hook adds the block's instruction
- * count (unicorn's own TB icount) and stops emulation when the budget is spent. Sites get
+ * count (decoded once by Python, with the offset of each instruction) and stops emulation
+ * when the budget is spent, or before a block that would run past a hard limit (which
+ * Python then reaches one instruction at a time). Inside a block the clock is exact all the
+ * same: an instruction's time is the count before its block plus the block's instructions
+ * that start before it (clock_at); that is what RDTSC answers, what Python reads in a trap
+ * or an I/O callback (nv_clock), and how many a stopped run retired (nv_retired). Sites get
  * one code hook each (nv_site_hook), registered when Python scans a code page; the block
  * hook asks Python to scan every linear page a block starts or ends on the first time it
  * runs, and asks for retranslation when the scan added sites to code already translated.
@@ -42,11 +47,18 @@ typedef int (*nv_emu_stop_fn)(void *uc);
 typedef int (*nv_py_page_fn)(uint64_t addr);
 typedef int (*nv_py_site_fn)(uint64_t addr);
 typedef int (*nv_py_recheck_fn)(void);
-typedef int (*nv_py_count_fn)(uint64_t addr, uint32_t size);
+typedef int (*nv_py_count_fn)(uint64_t addr, uint32_t size);   /* fills nv_trap.offsets */
 typedef int (*nv_reg_write_fn)(void *uc, int regid, const void *value);
 typedef void (*nv_raise_fn)(void *env, int vector, int error_code);
+typedef bool (*nv_restore_fn)(void *cpu, uintptr_t host_pc, bool will_exit);
 
 #define NV_RECHECK_MAX 64
+
+/* A translation block's instructions: how many, and where each starts (offset from the block). */
+struct nv_block {
+    uint32_t n;
+    uint16_t off[];
+};
 
 struct nv_trap {
     /* fields read and written from Python through ctypes: keep in sync with native.py */
@@ -81,6 +93,20 @@ struct nv_trap {
     nv_raise_fn raise_exception_err;
     uint64_t ac_flag;
     int32_t ac_vector;
+    /* on_count writes a block's instruction offsets to `offsets`. env->eip and CS's base say
+     * where the CPU stands (QEMU's block address is base + EIP): EIP is current in a hook and
+     * after a run, and in an I/O callback once nv_sync_io_pc has run. */
+    uint16_t *offsets;
+    uint32_t offsets_cap;
+    const uint64_t *eip;
+    const uint64_t *cs_base;
+    /* stop before a block that would run past this count (the budget is only checked at
+     * block starts, so a run may pass it) */
+    uint64_t limit;
+    /* QEMU's CPUState, its mem_io_pc and cpu_restore_state, for nv_sync_io_pc */
+    void *cpu;
+    uintptr_t *mem_io_pc;
+    nv_restore_fn restore_state;
     /* private */
     uint64_t last_page;
     uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
@@ -89,8 +115,15 @@ struct nv_trap {
     uint64_t *pkeys;      /* scanned physical page numbers + 1 */
     uint32_t pcap, pused;
     uint64_t *ckeys;      /* block key: (address << 12 | size) + 1 */
-    uint32_t *cvals;      /* instructions in that block */
+    uint32_t *cvals;      /* instructions in that block (also in cblocks, read on every block) */
+    struct nv_block **cblocks;
     uint32_t ccap, cused;
+    /* the running block: its instructions (NULL until its hook counted it), the count
+     * before it, its linear address and size */
+    const struct nv_block *block;
+    uint64_t block_icount;
+    uint64_t block_addr;
+    uint32_t block_size;
     uint64_t *fkeys;      /* native site: linear address + 1 */
     uint8_t *fvals;       /* RDTSC: its length; NV_STI_SITE: an STI */
     uint32_t fcap, fused;
@@ -127,11 +160,13 @@ struct nv_trap *nv_new(void)
     t->ccap = 4096;
     t->ckeys = calloc(t->ccap, sizeof(uint64_t));
     t->cvals = calloc(t->ccap, sizeof(uint32_t));
+    t->cblocks = calloc(t->ccap, sizeof(struct nv_block *));
     t->fcap = 256;
     t->fkeys = calloc(t->fcap, sizeof(uint64_t));
     t->fvals = calloc(t->fcap, sizeof(uint8_t));
     t->last_page = UINT64_MAX;
     t->budget = UINT64_MAX;
+    t->limit = UINT64_MAX;
     return t;
 }
 
@@ -149,16 +184,20 @@ static void clear_pages(struct nv_trap *t)
     t->fused = 0;
 }
 
+void nv_flush_counts(struct nv_trap *t);
+
 void nv_free(struct nv_trap *t)
 {
     if (!t)
         return;
     clear_pages(t);
+    nv_flush_counts(t);
     free(t->keys);
     free(t->vals);
     free(t->pkeys);
     free(t->ckeys);
     free(t->cvals);
+    free(t->cblocks);
     free(t->fkeys);
     free(t->fvals);
     free(t);
@@ -280,34 +319,92 @@ void nv_mark_scanned(struct nv_trap *t, uint64_t phys_page)
 /* Forget block instruction counts (code changed). */
 void nv_flush_counts(struct nv_trap *t)
 {
-    memset(t->ckeys, 0, t->ccap * sizeof(uint64_t));
+    for (uint32_t i = 0; i < t->ccap; i++) {
+        free(t->cblocks[i]);
+        t->cblocks[i] = NULL;
+        t->ckeys[i] = 0;
+    }
     t->cused = 0;
+    t->block = NULL;
 }
 
-static void put_count(struct nv_trap *t, uint64_t key, uint32_t n)
+static void put_count(struct nv_trap *t, uint64_t key, struct nv_block *b)
 {
     if ((t->cused + 1) * 2 > t->ccap) {
         uint32_t oldcap = t->ccap;
         uint64_t *ok = t->ckeys;
         uint32_t *ov = t->cvals;
+        struct nv_block **ob = t->cblocks;
         t->ccap = oldcap * 2;
         t->ckeys = calloc(t->ccap, sizeof(uint64_t));
         t->cvals = calloc(t->ccap, sizeof(uint32_t));
+        t->cblocks = calloc(t->ccap, sizeof(struct nv_block *));
         for (uint32_t i = 0; i < oldcap; i++) {
             if (ok[i]) {
                 int64_t s = find_slot(t->ckeys, t->ccap, ok[i]);
                 t->ckeys[s] = ok[i];
                 t->cvals[s] = ov[i];
+                t->cblocks[s] = ob[i];
             }
         }
         free(ok);
         free(ov);
+        free(ob);
     }
     int64_t s = find_slot(t->ckeys, t->ccap, key);
     if (!t->ckeys[s])
         t->cused++;
+    free(t->cblocks[s]);
     t->ckeys[s] = key;
-    t->cvals[s] = n;
+    t->cvals[s] = b->n;
+    t->cblocks[s] = b;
+}
+
+/* Instructions retired before the one at linear address pc: those before the running block,
+ * plus the block's own that start before pc; all of them when pc is not inside it (the
+ * block ran to its end, or its hook stopped the run before it ran). */
+static uint64_t clock_at(const struct nv_trap *t, uint64_t pc)
+{
+    const struct nv_block *b = t->block;
+    if (!b || pc - t->block_addr >= t->block_size)
+        return t->icount;
+    uint32_t off = (uint32_t)(pc - t->block_addr), lo = 0, hi = b->n;
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) / 2;
+        if (b->off[mid] < off)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return t->block_icount + lo;
+}
+
+/* Instructions retired since the run started, where the CPU stands now: at the instruction
+ * a hook runs for, or where a run stopped. */
+uint64_t nv_clock(struct nv_trap *t)
+{
+    return clock_at(t, *t->cs_base + *t->eip);
+}
+
+/* In a memory-mapped I/O callback EIP may still be where the block started (QEMU syncs it
+ * at block starts and hooks only): QEMU's record of the translation gives the accessing
+ * instruction (cpu_restore_state, as unicorn does before its memory hooks). mem_io_pc is
+ * consumed, so an access that did not come from translated code restores nothing. */
+void nv_sync_io_pc(struct nv_trap *t)
+{
+    uintptr_t pc = *t->mem_io_pc;
+    *t->mem_io_pc = 0;
+    t->restore_state(t->cpu, pc, false);
+}
+
+/* After emulation stopped, perhaps inside a block: the instructions retired since the run
+ * started, from which the count goes on when emulation resumes (the block's whole count was
+ * added when it began). */
+uint64_t nv_retired(struct nv_trap *t)
+{
+    t->icount = nv_clock(t);
+    t->block = NULL;
+    return t->icount;
 }
 
 static void stop(void *uc, struct nv_trap *t, uint32_t reason)
@@ -339,6 +436,8 @@ static bool known_page(void *uc, struct nv_trap *t, uint64_t page)
 
 void nv_block_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
 {
+    /* until the block is counted, the clock stands at its first instruction */
+    t->block = NULL;
     if (t->recheck_count) {
         int r = t->on_recheck();
         if (r) {
@@ -354,25 +453,43 @@ void nv_block_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
             return;
         t->last_page = first;
     }
-    if (t->icount >= t->budget) {
-        stop(uc, t, NV_STOP_BUDGET);
-        return;
-    }
     uint64_t key = ((addr << 12) | (size & 0xfff)) + 1;
     int64_t s = find_slot(t->ckeys, t->ccap, key);
+    const struct nv_block *b;
     uint32_t n;
     if (t->ckeys[s]) {
         n = t->cvals[s];
+        b = t->cblocks[s];
     } else {
-        int r = t->on_count(addr, size);
-        if (r < 0) {
+        int r = t->on_count(addr, size);   /* at least 1, or -1 when Python failed */
+        n = r < 0 ? 0 : (uint32_t)r < t->offsets_cap ? (uint32_t)r : t->offsets_cap;
+        struct nv_block *nb = n ? malloc(sizeof(*nb) + n * sizeof(uint16_t)) : NULL;
+        if (!nb) {
             stop(uc, t, NV_STOP_SITE);
             return;
         }
-        n = r ? (uint32_t)r : 1;
-        put_count(t, key, n);
+        nb->n = n;
+        memcpy(nb->off, t->offsets, n * sizeof(uint16_t));
+        put_count(t, key, nb);
+        b = nb;
     }
+    if (t->icount >= t->budget || t->icount + n > t->limit) {
+        stop(uc, t, NV_STOP_BUDGET);
+        return;
+    }
+    t->block_icount = t->icount;
+    t->block_addr = addr;
+    t->block_size = size;
+    t->block = b;
     t->icount += n;
+}
+
+/* An instruction at clock `at` was emulated in its hook, which moved RIP: unicorn leaves the
+ * block there and runs the rest as a new one, whose hook counts on from here. */
+static void retire_here(struct nv_trap *t, uint64_t at)
+{
+    t->icount = at + 1;
+    t->block = NULL;
 }
 
 void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
@@ -385,15 +502,20 @@ void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
                 return;
         } else if (t->fkeys[s] && t->fast_tsc) {
             /* SDM RDTSC: EDX:EAX = TSC, upper halves of RAX/RDX cleared */
-            uint64_t tsc = t->tsc_base + t->icount;
+            uint64_t at = clock_at(t, addr), tsc = t->tsc_base + at;
             uint64_t lo = tsc & 0xffffffffULL, hi = tsc >> 32, rip = addr + t->fvals[s];
             t->reg_write(uc, t->reg_rax, &lo);
             t->reg_write(uc, t->reg_rdx, &hi);
             t->reg_write(uc, t->reg_rip, &rip);
+            retire_here(t, at);
             return;
         }
     }
+    uint64_t at = clock_at(t, addr);
     switch (t->on_site(addr)) {
+    case NV_HANDLED:
+        retire_here(t, at);
+        return;
     case NV_STOP_BEFORE:
     case NV_HANDLED_STOP:
         stop(uc, t, NV_STOP_SITE);

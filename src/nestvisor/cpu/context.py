@@ -39,8 +39,13 @@ OFF_OLD_EXCEPTION = 5496   # after dr[8] and the breakpoint/watchpoint pointer u
 # `cpu` (include/uc_priv.h), then CPUState's `env_ptr` (qemu/include/hw/core/cpu.h).
 OFF_UC_CPU = 0x1B8
 OFF_CPU_ENV_PTR = 0x128
+# CPUState's `mem_io_pc` (the host address in translated code of the last memory-mapped
+# I/O access) and its `uc` back-pointer, which confirms the layout.
+OFF_CPU_MEM_IO_PC = 0x8178
+OFF_CPU_UC = 0x81A8
 
 R_ES, R_CS, R_SS, R_DS, R_FS, R_GS = range(6)
+OFF_CS_BASE = OFF_SEGS + 24 * R_CS + 8   # SegmentCache.base (QEMU's code address is CS base + EIP)
 SEG_ORDER = ("es", "cs", "ss", "ds", "fs", "gs")
 
 # hflags bits (cpu.h HF_*_SHIFT)
@@ -93,6 +98,13 @@ class CpuContext:
         if not env or ctypes.string_at(env, OFF_EFER + 8) != bytes(self.mv[:OFF_EFER + 8]):
             raise RuntimeError("unicorn's CPU state is not where context.OFF_UC_CPU/OFF_CPU_ENV_PTR say")
         return env
+
+    def live_cpu(self) -> int:
+        """The address of the instance's CPUState, checked by its back-pointer to the instance."""
+        cpu = c_p.from_address(self._uch.value + OFF_UC_CPU).value
+        if not cpu or c_p.from_address(cpu + OFF_CPU_UC).value != self._uch.value:
+            raise RuntimeError("unicorn's CPUState is not where context.OFF_UC_CPU/OFF_CPU_UC say")
+        return cpu
 
     def u32(self, off: int) -> int:
         return _U32.unpack_from(self.mv, off)[0]

@@ -43,6 +43,9 @@ _CRS = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3, 4: X.UC_X
 TOP = 0xFFFFFFFFFFFFFFFF
 _PAGING_REGS = (X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4, X.UC_X86_REG_CS)
 SCAN_CACHE_PAGES = 1024
+# Instructions a translation block can hold: QEMU ends one once it spans a page less 32
+# bytes (its last instruction adds at most 15), and an instruction is at least a byte long.
+BLOCK_INSNS_MAX = 0x1000
 
 
 class Stop(IntEnum):
@@ -152,6 +155,15 @@ class ExecContext:
         self.trap.raise_exception_err = N.RAISE_EXCEPTION_ERR
         self.trap.ac_flag = RFLAGS_AC
         self.trap.ac_vector = AC_VECTOR
+        self.trap.eip = env + C.OFF_EIP
+        self.trap.cs_base = env + C.OFF_CS_BASE
+        cpu = self.ctx.live_cpu()
+        self.trap.cpu = cpu
+        self.trap.mem_io_pc = cpu + C.OFF_CPU_MEM_IO_PC
+        self.trap.restore_state = N.RESTORE_STATE
+        self._offsets = (ctypes.c_uint16 * BLOCK_INSNS_MAX)()
+        self.trap.offsets = ctypes.addressof(self._offsets)
+        self.trap.offsets_cap = BLOCK_INSNS_MAX
         self._align_hook: int | None = None   # nv_align_hook's handle while CR0.AM = 1
         hh = ctypes.c_size_t()
         if N.hook_add_raw(self.h, ctypes.byref(hh), N.UC_HOOK_BLOCK, N.BLOCK_HOOK, self._tp, 1, 0):
@@ -184,7 +196,7 @@ class ExecContext:
         self._batch_ptrs = (ctypes.c_void_p * 16)(*[ctypes.addressof(self._batch_vals) + 8 * i for i in range(16)])
         self._msr = _UcMsr()
         self._batches: dict[tuple[int, ...], _Batch] = {}
-        self.retired = 0   # instructions executed in the last run()
+        self.retired = 0   # instructions retired in the last run() or step()
 
     # ---- memory -------------------------------------------------------------------------
 
@@ -194,8 +206,11 @@ class ExecContext:
         self.uc.mem_map_ptr(gpa, size, UC_PROT_READ | UC_PROT_WRITE, host_addr)
 
     def map_mmio(self, gpa: int, size: int, read: Callable[[int, int], int], write: Callable[[int, int, int], None]) -> None:
+        """Memory-mapped I/O; in `read` and `write`, RIP and clock() are the accessing
+        instruction's."""
         def rd(uc, offset, size, data):  # noqa: ANN001 - unicorn's callback signature
             try:
+                N.traplib.nv_sync_io_pc(self._tp)
                 return read(offset, size)
             except BaseException as e:  # noqa: BLE001 - any failure stops the run and re-raises
                 self._fail(e)
@@ -203,6 +218,7 @@ class ExecContext:
 
         def wr(uc, offset, size, value, data):  # noqa: ANN001
             try:
+                N.traplib.nv_sync_io_pc(self._tp)
                 write(offset, size, value)
             except BaseException as e:  # noqa: BLE001
                 self._fail(e)
@@ -449,29 +465,56 @@ class ExecContext:
 
     # ---- running ------------------------------------------------------------------------
 
-    def run(self, budget: int) -> Stop:
-        """Run about `budget` instructions from the current RIP (the budget is checked at
-        the start of each translation block, so the last block may run past it)."""
+    def run(self, budget: int, limit: int = TOP) -> Stop:
+        """Run about `budget` instructions from the current RIP, and never more than `limit`.
+        The budget is checked at the start of each translation block, so the last block may
+        run past it; the block that would run past the limit runs one instruction at a time."""
         t = self.trap
         self._enter(budget)
+        t.limit = limit
+        err = self._emulate(0)
+        self.retired = N.traplib.nv_retired(self._tp)
+        stop = self._stopped(err, Stop.HALTED)
+        target = min(budget, limit)
+        if stop == Stop.BUDGET and t.budget == budget and self.retired < target:   # the limit stopped it
+            t.budget = t.limit = TOP
+            while self.retired < target:
+                err = self._emulate(1)
+                before, self.retired = self.retired, N.traplib.nv_retired(self._tp)
+                stop = self._stopped(err, Stop.BUDGET)
+                if stop != Stop.BUDGET or self.retired == before:
+                    break
+        return stop
+
+    def _emulate(self, count: int) -> int:
+        """uc_emu_start from RIP; `count` 1 runs one instruction (unicorn's count mode)."""
+        t = self.trap
+        # count mode only stops in blocks translated while it is on
+        flush = count > 0
         while True:
+            if flush:
+                N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
             self._no_exception_in_flight()
-            err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, 0)
+            err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, count)
             if t.stop_reason != N.NV_STOP_RETRY or self._error is not None:
-                break
+                return err
             # New trap sites were hooked in code already translated: translate it again. (A
             # ranged TB_REMOVE_CACHE walks the page through the fetch path, which faults on
             # RAM mapped without EXEC, so the whole cache is dropped; this happens once per
             # code page that brings new sites.)
-            N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
+            flush = True
             t.stop_reason = N.NV_STOP_NONE
-        self.retired = t.icount
-        return self._stopped(err, Stop.HALTED)
+
+    def clock(self) -> int:
+        """Instructions retired since run() or step() began, up to where the CPU stands: the
+        instruction a trap handler or an I/O callback runs for, or where the run stopped."""
+        return N.traplib.nv_clock(self._tp)
 
     def _enter(self, budget: int) -> None:
         t = self.trap
         t.icount = 0
         t.budget = budget
+        t.limit = TOP
         t.stop_reason = N.NV_STOP_NONE
         self.exception = None
         self.unmapped = None
@@ -516,25 +559,16 @@ class ExecContext:
             self.ctx.restore()
 
     def step(self) -> Stop:
-        """Execute exactly one instruction (unicorn's count mode; rare paths only). Count mode
-        only stops in blocks translated while it is on, so the translations go first."""
+        """Execute one instruction (unicorn's count mode; rare paths only); `retired` is 0
+        when it faulted or trapped before it ran."""
         self._enter(TOP)
-        t = self.trap
-        while True:
-            N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
-            self._no_exception_in_flight()
-            err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, 1)
-            if t.stop_reason != N.NV_STOP_RETRY or self._error is not None:
-                break
-            t.stop_reason = N.NV_STOP_NONE   # the page brought new sites: run it again
-        self.retired = 1
+        err = self._emulate(1)
+        self.retired = N.traplib.nv_retired(self._tp)
         return self._stopped(err, Stop.BUDGET)
 
     def request_stop(self) -> None:
-        """From inside a callback: stop at the next instruction boundary (e.g. an IPI arrived)."""
-        t = self.trap
-        if t.budget > t.icount + 1:
-            t.budget = t.icount + 1
+        """From inside a callback: stop at the next block boundary (e.g. an IPI arrived)."""
+        self.trap.budget = 0
 
     def _fail(self, e: BaseException) -> None:
         if self._error is None:
@@ -613,11 +647,14 @@ class ExecContext:
             return 1
 
     def _on_count(self, addr: int, size: int) -> int:
-        """Instructions in the translation block [addr, addr+size) (decoded once, then cached in C)."""
+        """Instructions in the translation block [addr, addr+size), their offsets written to
+        the trap's `offsets` (decoded once, then cached in C)."""
         try:
             code = self.read_code(addr, size)
             md = _DISASM[self.code_bits()]
-            return sum(1 for _ in md.disasm_lite(code, addr)) or 1
+            offsets = [a - addr for a, _, _, _ in md.disasm_lite(code, addr)][:BLOCK_INSNS_MAX] or [0]
+            self._offsets[:len(offsets)] = offsets
+            return len(offsets)
         except BaseException as e:  # noqa: BLE001
             self._error = e
             return -1

@@ -90,6 +90,14 @@ class NvTrap(ctypes.Structure):
         ("raise_exception_err", c_p),
         ("ac_flag", c_u64),
         ("ac_vector", ctypes.c_int32),
+        ("offsets", c_p),
+        ("offsets_cap", ctypes.c_uint32),
+        ("eip", c_p),
+        ("cs_base", c_p),
+        ("limit", c_u64),
+        ("cpu", c_p),
+        ("mem_io_pc", c_p),
+        ("restore_state", c_p),
     ]
 
 
@@ -115,6 +123,11 @@ traplib.nv_set_page.argtypes = [c_p, c_u64]
 traplib.nv_drop_page.argtypes = [c_p, c_u64]
 traplib.nv_mark_scanned.argtypes = [c_p, c_u64]
 traplib.nv_flush_counts.argtypes = [c_p]
+traplib.nv_clock.argtypes = [c_p]
+traplib.nv_clock.restype = c_u64
+traplib.nv_retired.argtypes = [c_p]
+traplib.nv_retired.restype = c_u64
+traplib.nv_sync_io_pc.argtypes = [c_p]
 BLOCK_HOOK = ctypes.cast(traplib.nv_block_hook, c_p).value
 SITE_HOOK = ctypes.cast(traplib.nv_site_hook, c_p).value
 FETCH_HOOK = ctypes.cast(traplib.nv_fetch_hook, c_p).value
@@ -123,3 +136,5 @@ EMU_STOP = ctypes.cast(uclib.uc_emu_stop, c_p).value
 REG_WRITE = ctypes.cast(uclib.uc_reg_write, c_p).value
 # QEMU's raise_exception_err (excp_helper.c), exported by libunicorn under its x86-64 name
 RAISE_EXCEPTION_ERR = ctypes.cast(uclib.raise_exception_err_x86_64, c_p).value
+# QEMU's cpu_restore_state (translate-all.c): RIP from a host address in translated code
+RESTORE_STATE = ctypes.cast(uclib.cpu_restore_state_x86_64, c_p).value

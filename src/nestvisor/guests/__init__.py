@@ -15,12 +15,15 @@ nestvisor.guests.build [NAME...]`` prints their paths):
     APIC (SPIV, ID, version, one-shot and periodic timer), fw_cfg NB_CPUS,
     and with 2+ CPUs an INIT/SIPI AP start (real mode -> long mode) and an
     IPI round trip, then the alignment check (#AC at CPL 3 with CR0.AM and
-    RFLAGS.AC). Validated under QEMU TCG, which lacks seven of the
+    RFLAGS.AC) and nestvisor's deterministic clock (tsc_instruction_clock:
+    TSC reads in one straight-line block differ by the instructions between
+    them). Validated under QEMU TCG, which lacks seven of the
     architectural checks: rdmsr_unknown, wrmsr_efer_reserved, cr0_nw,
     cr0_pg_no_pe and pat_invalid fail there (no #GP), alignment_check too
     (no #AC), and cr4_reserved hangs QEMU 7.2 TCG (run it with
     ``-append "-cr4_reserved"``). Unicorn lacks the same checks, so on
-    nestvisor these lines test the engine's own.
+    nestvisor these lines test the engine's own. tsc_instruction_clock
+    fails there too: TCG's TSC follows the host's clock.
 
 ``demo``
     The workload behind ``nestvisor demo``: narrates port I/O, MSR and CR

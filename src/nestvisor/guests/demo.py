@@ -57,9 +57,9 @@ def _count_retired(vcpu: Any) -> list[int]:
     ctx = vcpu.ctx
     engine_run = ctx.run
 
-    def run(budget: int) -> Any:
+    def run(*args: int) -> Any:
         try:
-            return engine_run(budget)
+            return engine_run(*args)
         finally:
             total[0] += ctx.retired
 

@@ -19,7 +19,7 @@ from ..cpu import native as N
 from ..cpu.context import HF2_NMI, HF_INHIBIT_IRQ
 from ..cpu.decode import SVM_OPS, VMX_OPS, Insn, Op, decode
 from ..cpu.delivery import DeliveryUnsupported, EventKind, TripleFault, deliver_with_escalation
-from ..cpu.engine import DREGS, GPRS, ExecContext, Stop
+from ..cpu.engine import DREGS, GPRS, TOP, ExecContext, Stop
 from ..cpu.faults import GuestFault, gp, ud
 from ..cpu.paging import LinearMemory
 from ..cpu.state import ArchState, DescTable, Segment, real_mode_segment
@@ -272,8 +272,9 @@ class Vcpu:
     # ---- ApicHost ----------------------------------------------------------------------
 
     def now(self) -> int:
-        """Virtual ns: the vCPU clock, including instructions of the slice in progress."""
-        return self.clock + (self.ctx.trap.icount if self._running else 0)
+        """Virtual ns: the vCPU clock, including the instructions the slice in progress has
+        retired before the current one."""
+        return self.clock + (self.ctx.clock() if self._running else 0)
 
     @property
     def tsc_offset(self) -> int:
@@ -417,11 +418,15 @@ class Vcpu:
         self.idle_slice = False
         if self._event_waiting():
             budget = min(budget, WINDOW_SLICE)
+        hard = TOP
+        if nested is not None and nested.preemption_deadline is not None and nested.preemption_deadline > self.clock:
+            # SDM 26.5.1.3: the timer's VM exit comes before any instruction retires after it reaches 0
+            hard = nested.preemption_deadline - self.clock
         self._load_tsc()
         self.ctx.trap.sti_watch = self._sti_watch()
         self._running = True
         try:
-            stop = self.ctx.run(budget)
+            stop = self.ctx.run(budget, hard)
         finally:
             self._running = False
             self.clock += self.ctx.retired
@@ -614,9 +619,12 @@ class Vcpu:
                 return None
             self.stats[insn.op.name] += 1
             ctx = self.ctx
+            # it retires here, one tick of the instruction clock, before what its emulation runs
+            self.clock += 1
             try:
                 ex = self._emulate_outside(insn)
             except GuestFault as f:
+                self.clock -= 1   # a fault: it did not retire
                 self._queue_fault(f)
                 return None
             # the emulated instruction retired, which ends an STI/MOV SS shadow (SDM 6.8.3);
@@ -690,9 +698,11 @@ class Vcpu:
                     nested.vmexit(nested.insn_exit(insn))
                     return True, None
                 if insn.op != Op.VMCALL:
+                    self.clock += 1   # it retires: one tick of the instruction clock
                     try:
                         nested.emulate(insn)
                     except GuestFault as f:
+                        self.clock -= 1
                         self._queue_fault(f)
                     return True, None
             elif isinstance(nested, NestedSvm) and nested.guest_mode and insn is not None \
@@ -711,6 +721,7 @@ class Vcpu:
         hf = self.ctx.hflags()
         emulate_hypercall(self, bool(hf & (1 << 15)), hf & 3)
         self.ctx.rip = rip + 3
+        self.clock += 1   # it retired: one tick of the instruction clock
         return True
 
     def _queue_fault(self, f: GuestFault) -> None:

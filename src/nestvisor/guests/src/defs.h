@@ -32,6 +32,7 @@
 .set RFLAGS_AC,    1 << 18
 
 /* MSRs (SDM vol. 4) */
+.set MSR_TSC,            0x00000010
 .set MSR_APIC_BASE,      0x0000001B
 .set MSR_SYSENTER_ESP,   0x00000175
 .set MSR_PAT,            0x00000277

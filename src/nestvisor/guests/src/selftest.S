@@ -61,6 +61,7 @@
     DEFTEST t_smp_ap_online, smp_ap_online, "AP 1 online in long mode after INIT/SIPI"
     DEFTEST t_smp_ipi, smp_ipi, "IPI round trip between 2 vCPUs (0x50 to AP, 0x51 back)"
     DEFTEST t_alignment_check, alignment_check, "#AC(0) from a misaligned write only at CPL 3 with CR0.AM=1 and RFLAGS.AC=1"
+    DEFTEST t_tsc_instruction_clock, tsc_instruction_clock, "clock reads (RDTSC, IA32_TSC, APIC TMCCT) in one straight-line block differ by the instructions between them"
     TESTS_END
 
 /* ------------------------------------------------------------------ */
@@ -328,6 +329,66 @@ t_rdtsc:
     pop %r14
     pop %r13
     pop %r12
+    ret
+
+/* nestvisor's clock (its DESIGN decision 3, not an architectural rule): the
+ * TSC counts retired instructions, so two reads in one straight-line block
+ * differ by exactly the instructions from the first read to the second:
+ * through RDTSC answered by the L0 in Python (first pass) or in its native
+ * hook (second pass), across a CPUID the L0 emulates, and through RDMSR of
+ * IA32_TSC. The APIC timer's bus runs at 1 GHz too, so with divide-by-1 its
+ * current count, read through memory-mapped I/O, drops by one an
+ * instruction. QEMU TCG's clocks follow the host's. */
+t_tsc_instruction_clock:
+    push %rbx
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov $2, %r15d
+1:  rdtsc                   /* T */
+    shl $32, %rdx
+    or %rax, %rdx
+    mov %rdx, %r12
+    nop
+    rdtsc                   /* T + 5 */
+    shl $32, %rdx
+    or %rax, %rdx
+    mov %rdx, %r13
+    xor %eax, %eax
+    cpuid
+    rdtsc                   /* T + 11 */
+    shl $32, %rdx
+    or %rax, %rdx
+    mov %rdx, %r14
+    mov $MSR_TSC, %ecx
+    rdmsr                   /* T + 16 */
+    shl $32, %rdx
+    or %rax, %rdx
+    mov %rdx, %rbx
+    sub %r12, %r13
+    sub %r12, %r14
+    sub %r12, %rbx
+    EXPECT_EQ %r13, $5
+    EXPECT_EQ %r14, $11
+    EXPECT_EQ %rbx, $16
+    dec %r15d
+    jnz 1b
+    mov $10000000, %edi
+    call apic_timer_oneshot
+    mov $APIC_BASE_ADDR + APIC_TMCCT, %esi
+    mov (%rsi), %ebx        /* C */
+    nop
+    nop
+    mov (%rsi), %r12d       /* C - 3 */
+    sub %r12, %rbx
+    EXPECT_EQ %rbx, $3
+    call apic_timer_stop
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbx
     ret
 
 t_cpuid:

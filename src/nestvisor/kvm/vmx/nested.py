@@ -557,10 +557,13 @@ class NestedVmx:
         self.dirty.clear()
         cpu = v12["cpu_based_vm_exec_control"]
         self.l2_tsc_offset = v12["tsc_offset"] if cpu & X.CPU_USE_TSC_OFFSETTING else 0
-        # SDM 26.5.1: the timer counts from vmx_preemption_timer_value on the deterministic TSC
+        # SDM 26.5.1: the timer counts down from vmx_preemption_timer_value each time bit X
+        # (the rate) of L1's TSC changes, so it reaches 0 where the TSC is a multiple of 2^X
         self.preemption_deadline = None
         if v12["pin_based_vm_exec_control"] & X.PIN_PREEMPTION_TIMER:
-            self.preemption_deadline = self.v.now() + (v12["vmx_preemption_timer_value"] << PREEMPTION_TIMER_RATE)
+            ticks_past = self.v.tsc() & ((1 << PREEMPTION_TIMER_RATE) - 1)
+            self.preemption_deadline = \
+                self.v.now() - ticks_past + (v12["vmx_preemption_timer_value"] << PREEMPTION_TIMER_RATE)
         self.guest_mode = True
         self.need_rare_sync = False
         sec = v12["secondary_vm_exec_control"] if cpu & X.CPU_ACTIVATE_SECONDARY else 0
@@ -1055,6 +1058,7 @@ class NestedVmx:
                 v12[f"guest_pdptr{i}"] = pdpte
             n += 4
         if self.preemption_deadline is not None and exit_ctl & X.EXIT_SAVE_PREEMPTION_TIMER:
+            # KVM vmx_get_preemption_timer_value: the time left in whole timer periods, rounded down
             left = max(0, self.preemption_deadline - self.v.now())
             v12["vmx_preemption_timer_value"] = left >> PREEMPTION_TIMER_RATE
             n += 1
