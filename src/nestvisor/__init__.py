@@ -4,4 +4,6 @@ from .arch.kvm_uapi import *  # noqa: F403 - KVM's constant names are part of th
 from .kvm.errors import KvmError
 from .kvm.kvm import Kvm
 
+CAP_NESTED_STATE = KVM_CAP_NESTED_STATE  # noqa: F405 - the issue's short name for KVM's 157
+
 __all__ = ["Kvm", "KvmError"]

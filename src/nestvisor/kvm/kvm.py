@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..arch import cpuid as F
 from ..arch import kvm_uapi as U
+from ..state import nested_state as NS
 from .errors import einval
 from .profiles import PROFILES, Profile, get_profile
 from .vm import KVM_USER_MEM_SLOTS, MAX_VCPUS, Vm
@@ -52,6 +53,9 @@ class Kvm:
             U.KVM_CAP_MP_STATE: 1, U.KVM_CAP_USER_NMI: 1, U.KVM_CAP_VCPU_EVENTS: 1,
             U.KVM_CAP_DEBUGREGS: 1, U.KVM_CAP_TSC_DEADLINE_TIMER: int(self.profile.has("tsc-deadline")),
             U.KVM_CAP_IMMEDIATE_EXIT: 1, U.KVM_CAP_SYNC_MMU: 1, U.KVM_CAP_GET_TSC_KHZ: 1,
+            # KVM: get_nested_state(NULL), the largest blob (vmx_get_nested_state, svm_get_nested_state)
+            U.KVM_CAP_NESTED_STATE: NS.VMX_MAX_SIZE if self.profile.has("vmx")
+            else NS.SVM_MAX_SIZE if self.profile.has("svm") else 0,
         }
         return caps.get(cap, 0)
 

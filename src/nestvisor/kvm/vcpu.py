@@ -24,11 +24,13 @@ from ..cpu.faults import GuestFault, gp, ud
 from ..cpu.paging import LinearMemory
 from ..cpu.state import ArchState, DescTable, Segment, real_mode_segment
 from ..cpu.tdp import ACCESS_FETCH, TdpFault
+from ..state import nested_state as NS
 from . import msr as msrs
 from .errors import KvmError, einval
 from .exits import Exit, InternalError, IoExit, MmioExit
 from .hypercall import HYPERCALL_OPCODES, emulate_hypercall
 from .lapic import Lapic
+from .requests import REQ_GET_NESTED_STATE_PAGES
 from .svm.nested import NestedSvm
 from .vm import APIC_MMIO
 from .vmx.nested import ExitInfo, NestedVmx
@@ -218,6 +220,7 @@ class Vcpu:
         self._vmx_abort = False
         self._mov_ss_end = -1
         self.efer_svme = False   # L1's EFER.SVME (nested SVM keeps it out of the substrate)
+        self.requests: set[str] = set()   # KVM_REQ_* work before the next entry (kvm/requests.py)
         self.nested: NestedVmx | NestedSvm | None = \
             NestedVmx(self) if self._feature("vmx") else NestedSvm(self) if self._feature("svm") else None
         self._reset(init=False)
@@ -382,6 +385,13 @@ class Vcpu:
             self.ctx.flush_code()
         if self._completion is not None:
             self._complete_userspace()
+        if REQ_GET_NESTED_STATE_PAGES in self.requests:
+            self.requests.discard(REQ_GET_NESTED_STATE_PAGES)
+            if self.nested is not None and not self.nested.get_nested_state_pages():
+                # KVM vcpu_enter_guest: get_nested_state_pages failed
+                return Exit(U.KVM_EXIT_INTERNAL_ERROR, internal=InternalError(
+                    U.KVM_INTERNAL_ERROR_EMULATION, "a page vmcs12/vmcb12 uses is not in guest memory "
+                    "(get_nested_state_pages after KVM_SET_NESTED_STATE)"))
         while True:
             ex = self._step()
             if ex is not None:
@@ -1423,6 +1433,59 @@ class Vcpu:
     def nmi(self) -> None:
         """KVM_NMI."""
         self.deliver_nmi()
+
+    def entry_event_pending(self) -> bool:
+        """The event of the last nested VM entry is not delivered yet (KVM nested_run_pending)."""
+        return self._vmcs_event is not None
+
+    def clear_entry_event(self) -> None:
+        self._vmcs_event = None
+
+    def get_nested_state(self, buffer_size: int | None = None) -> bytes:
+        """KVM_GET_NESTED_STATE: struct kvm_nested_state as KVM lays it out. `buffer_size` is
+        the caller's `size` field (None: large enough); when it is smaller than the state,
+        KvmError E2BIG, whose `needed` is the size to ask for (KVM writes it back to `size`).
+
+        >>> import nestvisor
+        >>> vcpu = nestvisor.Kvm(profile="vmx").create_vm().create_vcpu(0)
+        >>> len(vcpu.get_nested_state())   # VMX off: the 128-byte header alone
+        128
+        """
+        if self.nested is None:
+            raise einval("this vCPU's profile has neither VMX nor SVM (no nested state ops)")
+        r = self.nested.get_state(TOP if buffer_size is None else buffer_size)
+        if isinstance(r, int):
+            err = KvmError(errno.E2BIG, f"the nested state needs {r} bytes, the buffer has {buffer_size} "
+                                        "(kvm_arch_vcpu_ioctl KVM_GET_NESTED_STATE)")
+            err.needed = r
+            raise err
+        return r
+
+    def set_nested_state(self, blob: bytes | bytearray | memoryview) -> None:
+        """KVM_SET_NESTED_STATE with every rule KVM applies, in KVM's order and with KVM's
+        errno; a rejected blob leaves the vCPU exactly as it was. In guest mode it enters L2
+        as a nested VM entry does; the pages hanging off vmcs12/vmcb12 are mapped at the next
+        run() unless `vm.nested_pages_at_set`.
+
+        >>> import nestvisor
+        >>> vcpu = nestvisor.Kvm(profile="vmx").create_vm().create_vcpu(0)
+        >>> vcpu.set_nested_state(b"\\0" * 64)
+        Traceback (most recent call last):
+        ...
+        nestvisor.kvm.errors.KvmError: [EINVAL] size: the blob has 64 bytes, less than the 128-byte header (kvm_arch_vcpu_ioctl)
+        """
+        if self.nested is None:
+            raise einval("this vCPU's profile has neither VMX nor SVM (no nested state ops)")
+        if len(blob) < NS.HEADER_SIZE:
+            raise einval(f"size: the blob has {len(blob)} bytes, less than the 128-byte header (kvm_arch_vcpu_ioctl)")
+        ns = NS.NestedState.decode(blob)
+        if ns.size > len(blob):
+            raise KvmError(errno.EFAULT, f"size: the header says {ns.size} bytes, the blob has {len(blob)} "
+                                         "(copy_from_user in vmx/svm_set_nested_state)")
+        bad = NS.first_violation(NS.GENERIC_RULES, ns, NS.VcpuFacts())
+        if bad is not None:
+            raise KvmError(bad.errno, str(bad))
+        self.nested.set_state(ns)
 
     def get_debugregs(self) -> DebugRegs:
         """KVM_GET_DEBUGREGS."""

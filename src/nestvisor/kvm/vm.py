@@ -126,6 +126,11 @@ class Vm:
         self.vcpus: dict[int, Vcpu] = {}
         self.apic_bus = ApicBus()
         self.host_writes = 0
+        # KVM_SET_NESTED_STATE maps the pages hanging off vmcs12/vmcb12 at once (True) instead
+        # of at the vCPU's first run (KVM's KVM_REQ_GET_NESTED_STATE_PAGES, the default)
+        self.nested_pages_at_set = False
+        # the SVM nested-state format KVM_GET_NESTED_STATE produces: "svm" (KVM's) or "svm-v2"
+        self.svm_state_format = "svm"
         # Trace events shaped like KVM's tracepoints (kvm_nested_vmenter, ...): (name, fields)
         self.trace_log: deque[tuple[str, dict[str, object]]] = deque(maxlen=TRACE_DEPTH)
 

@@ -9,8 +9,9 @@ fields the CPU writes go back to vmcb12 and the int_ctl bits are split as KVM sp
 
 from __future__ import annotations
 
+import errno
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ...arch import msr as M
@@ -23,6 +24,11 @@ from ...cpu.faults import gp, ud
 from ...cpu.npt import Npt, NptFault
 from ...cpu.state import ArchState, DescTable, Segment
 from ...cpu.tdp import TdpFault
+from ...state.nested_state import NestedState
+from ..errors import KvmError
+from ..nested_checks import CheckFailure
+from ..requests import REQ_GET_NESTED_STATE_PAGES
+from . import state as svm_state
 from .checks import check_controls, check_cr3, check_save
 from .vmcb import Vmcb, VmcbCtrlCached, VmcbSaveCached, copy_control_to_cache, copy_save_to_cache
 
@@ -235,15 +241,18 @@ class NestedSvm:
         self.stats["vmruns"] += 1
         self._enter_guest_mode()
 
+    def _l2_context(self) -> ExecContext:
+        if self.ctx02 is None:
+            self.ctx02 = self.v.new_context()
+        return self.ctx02
+
     def _enter_guest_mode(self) -> None:
         """KVM enter_svm_guest_mode: vmcb02 from vmcb01 and the caches (nested_vmcb02_prepare_
         control / _save)."""
         ctl, save = self.ctl, self.save
         assert ctl is not None and save is not None
         l1 = self.v.ctx
-        if self.ctx02 is None:
-            self.ctx02 = self.v.new_context()
-        l2 = self.ctx02
+        l2 = self._l2_context()
         self._l1_rip, self._l1_rax, self._l1_rflags = l1.rip, l1.gpr(0), l1.rflags
         l1_st = l1.get_state()
         st = ArchState(
@@ -273,6 +282,14 @@ class NestedSvm:
         l2.set_reg(DREGS[5], save.dr7)
         shadow = ctl.int_state & S.SVM_INTERRUPT_SHADOW_MASK
         l2.patch_hflags(set_mask=HF_INHIBIT_IRQ if shadow else 0, clear_mask=0 if shadow else HF_INHIBIT_IRQ)
+        self._l2_svme = bool(save.efer & EFER_SVME)
+        self._prepare_control(l1_st, l2)
+
+    def _prepare_control(self, l1_st: ArchState, l2: ExecContext) -> None:
+        """KVM nested_vmcb02_prepare_control, and into L2: the nested MMU, V_TPR, the TSC
+        offset, GIF, then EVENTINJ."""
+        ctl = self.ctl
+        assert ctl is not None
         # KVM nested_svm_init_mmu_context: with NP_ENABLE, L2's guest-physical addresses go
         # through L1's nested page tables (APM 15.25); else L2 shares L1's
         npt = None
@@ -280,7 +297,6 @@ class NestedSvm:
             npt = Npt(self.v.vm.phys, ctl.nested_cr3, l1_st.cr4, l1_st.efer, self.maxphyaddr)
         l2.use_tdp(npt)
         l2.flush_tlb()
-        self._l2_svme = bool(save.efer & EFER_SVME)
         self.v_tpr = ctl.int_ctl & S.V_TPR_MASK
         self.l2_tsc_offset = ctl.tsc_offset
         self.gif = True   # APM 15.17: VMRUN sets GIF; #VMEXIT clears it
@@ -292,7 +308,116 @@ class NestedSvm:
             kind = (inj >> S.EVTINJ_TYPE_SHIFT) & 7
             ec = ctl.event_inj_err if inj & S.EVTINJ_VALID_ERR else None
             self.v.inject_from_vmcs(inj & S.EVTINJ_VEC_MASK, kind, ec, 0)
-            ctl.event_inj = 0
+
+    # ---- nested state (kvm/svm/state.py) ------------------------------------------------------
+
+    def get_state(self, user_size: int) -> bytes | int:
+        return svm_state.get_nested_state(self, user_size)
+
+    def set_state(self, ns: NestedState) -> None:
+        svm_state.set_nested_state(self, ns)
+
+    def trace_failed(self, failure: CheckFailure) -> None:
+        self._trace("kvm_nested_vmenter_failed", check=failure.name, source=failure.source, values=failure.values)
+
+    def read_u64(self, pa: int) -> int | None:
+        return self._read_u64(pa)
+
+    def sync_control_for_save(self) -> None:
+        """KVM nested_sync_control_from_vmcb02: the fields the CPU writes while L2 runs go
+        into the cache: V_TPR, V_IRQ (already there), EVENTINJ once delivered."""
+        ctl = self.ctl
+        assert ctl is not None
+        ctl.int_ctl = (ctl.int_ctl & ~S.V_TPR_MASK) | (self.v_tpr & S.V_TPR_MASK)
+        if not self.v.entry_event_pending():
+            ctl.event_inj = ctl.event_inj_err = 0
+
+    def vmcb01_save(self) -> bytes:
+        """vmcb01 as a VMCB image whose save area is L1's state as VMRUN left it (KVM keeps
+        it in vmcb01 while L2 runs; here it is the L1 context with VMRUN's RIP/RAX/RFLAGS)."""
+        l1 = self.v.ctx01
+        st = l1.get_state()
+        v = Vmcb()
+        for name in ("es", "cs", "ss", "ds", "fs", "gs", "tr"):
+            s = getattr(st, name)
+            v.set_seg(name, s.selector, attrib_from_segment(s), s.limit, s.base)
+        v.set_seg("ldtr", st.ldt.selector, attrib_from_segment(st.ldt), st.ldt.limit, st.ldt.base)
+        v.set_seg("gdtr", 0, 0, st.gdt.limit, st.gdt.base)
+        v.set_seg("idtr", 0, 0, st.idt.limit, st.idt.base)
+        for name, value in (("efer", st.efer | (EFER_SVME if self.v.efer_svme else 0)), ("cr0", st.cr0),
+                            ("cr2", st.cr2), ("cr3", st.cr3), ("cr4", st.cr4), ("rflags", self._l1_rflags),
+                            ("rip", self._l1_rip), ("rsp", l1.gpr(4)), ("rax", self._l1_rax),
+                            ("dr6", l1.reg(DREGS[4])), ("dr7", l1.reg(DREGS[5])), ("cpl", 0),
+                            ("g_pat", l1.cpu_msr(M.IA32_PAT))):
+            v.set_save(name, value)
+        return bytes(v.data)
+
+    def enter_from_state(self, vmcb_pa: int, ctl: VmcbCtrlCached, blob: Vmcb, gif: bool, run_pending: bool) -> None:
+        """svm_set_nested_state's commit: L2 keeps the vCPU's current state (vmcb01's save
+        area becomes vmcb02's), L1 gets the blob's (svm_copy_vmrun_state), the control cache
+        the blob's control area, then nested_vmcb02_prepare_control; the MSRPM and IOPM are
+        checked at the first run (KVM_REQ_GET_NESTED_STATE_PAGES) unless
+        `vm.nested_pages_at_set`."""
+        l1 = self.v.ctx01
+        l2 = self._l2_context()
+        if self.guest_mode:
+            self.leave_nested()   # L2 keeps running on its own state (KVM: vmcb02 is kept)
+        else:
+            cur = l1.get_state()
+            l2.set_state(cur)
+            l2.set_gprs(l1.gprs())
+            for index in (*_SHARED_CPU_MSRS, M.IA32_PAT):
+                l2.set_cpu_msr(index, l1.cpu_msr(index))
+            for i in range(6):
+                l2.set_reg(DREGS[i], l1.reg(DREGS[i]))
+            shadow = l1.hflags() & HF_INHIBIT_IRQ
+            l2.patch_hflags(set_mask=shadow, clear_mask=0 if shadow else HF_INHIBIT_IRQ)
+            self._l2_svme = bool(self.v.efer_svme)
+        cur = l1.get_state()
+        save = copy_save_to_cache(blob)
+        st = replace(cur, es=segment_from_vmcb(*save.es), cs=segment_from_vmcb(*save.cs),
+                     ss=segment_from_vmcb(*save.ss), ds=segment_from_vmcb(*save.ds),
+                     gdt=DescTable(save.gdtr[3], save.gdtr[2]), idt=DescTable(save.idtr[3], save.idtr[2]),
+                     cr0=save.cr0, cr3=save.cr3, cr4=save.cr4, efer=save.efer & ~EFER_SVME,
+                     rip=save.rip, rsp=save.rsp, rflags=save.rflags | 2)
+        if st.cr0 & CR0_PG and st.efer & (1 << 8):
+            st.efer |= EFER_LMA
+        l1.set_state(st)
+        l1.set_gpr(0, save.rax)
+        l1.set_gpr(4, save.rsp)
+        self._l1_rip, self._l1_rax, self._l1_rflags = save.rip, save.rax, save.rflags | 2
+        self.v.efer_svme = bool(save.efer & EFER_SVME)
+        self.vmcb12_pa, self.ctl, self.save = vmcb_pa, ctl, None
+        self._prepare_control(st, l2)
+        self.gif = gif
+        if not run_pending:
+            # the entry's EVENTINJ was delivered before the state was saved
+            self.v.clear_entry_event()
+        if self.v.vm.nested_pages_at_set:
+            missing = self.missing_pages()
+            if missing:
+                self.leave_nested()
+                raise KvmError(errno.EINVAL, f"vmcb12.{missing} is not backed by guest memory (svm_get_nested_state_pages)")
+        else:
+            self.v.requests.add(REQ_GET_NESTED_STATE_PAGES)
+
+    def missing_pages(self) -> str | None:
+        """KVM svm_get_nested_state_pages (nested_svm_merge_msrpm): the first permission map
+        the intercepts use that guest memory does not back, or None."""
+        ctl = self.ctl
+        assert ctl is not None
+        maps = []
+        if self._intercepted("MSR_PROT"):
+            maps.append(("msrpm_base_pa", ctl.msrpm_base_pa, S.MSRPM_SIZE))
+        if self._intercepted("IOIO_PROT"):
+            maps.append(("iopm_base_pa", ctl.iopm_base_pa, S.IOPM_SIZE))
+        for name, base, size in maps:
+            if any(self.v.vm.phys.find(base + off) is None for off in range(0, size, 0x1000)):
+                return name
+        return None
+
+    def get_nested_state_pages(self) -> bool:
+        return not self.guest_mode or self.missing_pages() is None
 
     # ---- #VMEXIT -------------------------------------------------------------------------------
 
@@ -359,13 +484,16 @@ class NestedSvm:
         self.gif = False
         self.guest_mode = False
         self.l2_tsc_offset = 0
+        self.v.requests.discard(REQ_GET_NESTED_STATE_PAGES)   # KVM: a nested #VMEXIT cancels it
         self.v.switch_context(l1)
 
     def leave_nested(self) -> None:
-        """KVM svm_leave_nested: drop L2 without a #VMEXIT (EFER.SVME cleared, reset)."""
+        """KVM svm_leave_nested: drop L2 without a #VMEXIT (EFER.SVME cleared, reset,
+        KVM_SET_NESTED_STATE); GIF = 1 and the nested-state-pages request is cancelled."""
         if self.guest_mode:
             assert self.ctx02 is not None
             self._leave_guest_mode(self.ctx02.gprs())
+        self.v.requests.discard(REQ_GET_NESTED_STATE_PAGES)
         self.gif = True
 
     # ---- which exits L1 wants (nested_svm_exit_handled / nested_svm_intercept) ----------------

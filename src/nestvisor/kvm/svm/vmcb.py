@@ -230,3 +230,17 @@ def copy_save_to_cache(v: Vmcb) -> VmcbSaveCached:
         es=v.seg("es"), cs=v.seg("cs"), ss=v.seg("ss"), ds=v.seg("ds"), gdtr=v.seg("gdtr"),
         idtr=v.seg("idtr"), cpl=s("cpl"), rflags=s("rflags"), rip=s("rip"), rsp=s("rsp"),
         rax=s("rax"), cr2=s("cr2"), g_pat=s("g_pat"))
+
+
+def control_from_cache(c: VmcbCtrlCached) -> Vmcb:
+    """KVM nested_copy_vmcb_cache_to_control: a zeroed control area with the cached fields
+    (what svm_get_nested_state writes; clean stays 0)."""
+    v = Vmcb()
+    for name, word in zip(S.INTERCEPT_WORDS, c.intercepts, strict=True):
+        v.set_control(name, word)
+    for name in ("pause_filter_thresh", "pause_filter_count", "iopm_base_pa", "msrpm_base_pa", "tsc_offset",
+                 "asid", "tlb_ctl", "erap_ctl", "int_ctl", "int_vector", "int_state", "exit_code",
+                 "exit_info_1", "exit_info_2", "exit_int_info", "exit_int_info_err", "nested_ctl",
+                 "event_inj", "event_inj_err", "next_rip", "nested_cr3", "virt_ext"):
+        v.set_control(name, getattr(c, name))
+    return v

@@ -9,6 +9,7 @@ descriptor tables) only when L1 can see them (KVM sync_vmcs02_to_vmcs12_rare).
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections import Counter
 from collections.abc import Mapping
@@ -27,7 +28,11 @@ from ...cpu.faults import GuestFault, gp, ud
 from ...cpu.paging import is_canonical
 from ...cpu.state import SEG_P, ArchState, DescTable, Segment
 from ...cpu.tdp import TdpFault, TwoDimensional
+from ...state.nested_state import NestedState
 from .. import msr as msrs
+from ..errors import KvmError
+from ..requests import REQ_GET_NESTED_STATE_PAGES
+from . import state as vmx_state
 from .caps import PREEMPTION_TIMER_RATE, VmxCaps, nested_vmx_caps
 from .checks import (
     CheckFailure,
@@ -196,7 +201,7 @@ class NestedVmx:
         except (ValueError, KeyError, IndexError):
             return None
 
-    def _read_guest_u32(self, gpa: int) -> int | None:
+    def read_guest_u32(self, gpa: int) -> int | None:
         try:
             return _U32.unpack(self.v.vm.phys.read(gpa, 4))[0]
         except (ValueError, KeyError, IndexError):
@@ -237,7 +242,7 @@ class NestedVmx:
         if not page_address_valid(ptr, self.maxphyaddr):
             self._fail_invalid()
             return self._done(insn)
-        rev = self._read_guest_u32(ptr)
+        rev = self.read_guest_u32(ptr)
         if rev is None or rev != V.VMCS12_REVISION:
             self._fail_invalid()   # KVM handle_vmxon: revision (shadow bit included) must match
             return self._done(insn)
@@ -506,7 +511,7 @@ class NestedVmx:
         if failure is not None:
             return self._entry_vmfail(insn, failure, X.VMXERR_ENTRY_INVALID_HOST_STATE_FIELD)
         self._done(insn)
-        failed = check_guest_state(snap, self.caps, True, self.maxphyaddr, self._read_guest_u32)
+        failed = check_guest_state(snap, self.caps, True, self.maxphyaddr, self.read_guest_u32)
         if failed is not None:
             fc, qual = failed
             self._trace("kvm_nested_vmenter_failed", check=fc.name, source=fc.source, values=fc.values)
@@ -644,7 +649,7 @@ class NestedVmx:
         # SDM 28.3.3.3: without VPID, VM entry invalidates linear mappings
         l2.flush_tlb()
 
-    def _shadowing(self, v12: Mapping[str, int]) -> bool:
+    def shadowing(self, v12: Mapping[str, int]) -> bool:
         return bool(v12["cpu_based_vm_exec_control"] & X.CPU_ACTIVATE_SECONDARY
                     and v12["secondary_vm_exec_control"] & X.SEC_SHADOW_VMCS)
 
@@ -653,7 +658,7 @@ class NestedVmx:
         link pointer names, written back at the next nested VM exit."""
         link = v12["vmcs_link_pointer"]
         self.shadow12 = None
-        if self._shadowing(v12) and link != INVALID_PTR:
+        if self.shadowing(v12) and link != INVALID_PTR:
             self.shadow12 = Vmcs12(self.v.vm.phys.read(link, V.VMCS12_SIZE))
 
     def _flush_shadow_vmcs12(self) -> None:
@@ -666,7 +671,7 @@ class NestedVmx:
         """nested_vmx_exit_handled_vmcs_access: VMREAD/VMWRITE in L2 exit unless VMCS shadowing
         covers the field (its bit clear in the VMREAD/VMWRITE bitmap, SDM 25.6.15)."""
         v12 = self.vmcs12
-        if v12 is None or not self._shadowing(v12):
+        if v12 is None or not self.shadowing(v12):
             return True
         field = self.v.ctx.gpr(insn.reg)
         if self.v.ctx.code_bits() != 64:
@@ -1151,10 +1156,88 @@ class NestedVmx:
         l1.set_reg(DREGS[5], 0x400)
         l1.patch_hflags(clear_mask=HF_INHIBIT_IRQ)
         self._flush_shadow_vmcs12()
+        self.v.requests.discard(REQ_GET_NESTED_STATE_PAGES)   # KVM: a nested VM exit cancels it
         self.guest_mode = False
         self.l2_tsc_offset = 0
         self.preemption_deadline = None
         self.v.switch_context(l1)
+
+    # ---- nested state (kvm/vmx/state.py) --------------------------------------------------------
+
+    def get_state(self, user_size: int) -> bytes | int:
+        return vmx_state.get_nested_state(self, user_size)
+
+    def set_state(self, ns: NestedState) -> None:
+        vmx_state.set_nested_state(self, ns)
+
+    def trace_failed(self, failure: CheckFailure) -> None:
+        self._trace("kvm_nested_vmenter_failed", check=failure.name, source=failure.source, values=failure.values)
+
+    def sync_for_save(self) -> None:
+        """KVM vmx_get_nested_state in guest mode: sync_vmcs02_to_vmcs12 and the rare fields."""
+        assert self.vmcs12 is not None and self.ctx02 is not None
+        self._sync_common(self.vmcs12, self.ctx02.get_state(), self.ctx02)
+        self.sync_rare()
+
+    def leave_nested(self) -> None:
+        """KVM vmx_leave_nested + free_nested: out of L2 (L1's host state loaded, no exit
+        information written), out of VMX operation, vmcs12 dropped without write-back."""
+        if self.guest_mode:
+            assert self.ctx02 is not None
+            self._leave_guest_mode(self.ctx02.gprs(), from_l2=True)
+        self.v.requests.discard(REQ_GET_NESTED_STATE_PAGES)
+        self.vmxon, self.vmxon_ptr = False, INVALID_PTR
+        self.vmcs12, self.shadow12, self.current_vmptr = None, None, INVALID_PTR
+        self._vmcs02_of = INVALID_PTR
+        self.dirty.clear()
+        self.need_rare_sync = False
+        self.pending = None
+
+    def enter_from_state(self, shadow: Vmcs12 | None, run_pending: bool, deadline_tsc: int | None) -> None:
+        """KVM nested_vmx_enter_non_root_mode(from_vmentry=false): vmcs02 from the restored
+        vmcs12, no MSR-load list, the entry's event only if the entry was still pending, the
+        preemption timer from the saved deadline (in L1 TSC units), the vmcs12 pages at the
+        first run."""
+        v12 = self.vmcs12
+        assert v12 is not None
+        snap = v12.fields()
+        self.enter_guest_mode(snap)
+        self.shadow12 = shadow
+        if deadline_tsc is not None and self.preemption_deadline is not None:
+            self.preemption_deadline = deadline_tsc - self.v.tsc_offset
+        if run_pending:
+            self._inject_on_entry(v12)
+        if self.v.vm.nested_pages_at_set:
+            missing = self.missing_pages()
+            if missing:
+                self.leave_nested()
+                raise KvmError(errno.EINVAL, f"vmcs12.{missing} is not backed by guest memory (nested_get_vmcs12_pages)")
+        else:
+            self.v.requests.add(REQ_GET_NESTED_STATE_PAGES)
+
+    def missing_pages(self) -> str | None:
+        """KVM nested_get_vmcs12_pages: the first page vmcs12 uses that guest memory does not
+        back (bitmaps the controls enable), or None."""
+        v12 = self.vmcs12
+        assert v12 is not None
+        snap = v12.fields()
+        cpu = snap["cpu_based_vm_exec_control"]
+        used = []
+        if cpu & X.CPU_USE_MSR_BITMAPS:
+            used.append("msr_bitmap")
+        if cpu & X.CPU_USE_IO_BITMAPS:
+            used += ["io_bitmap_a", "io_bitmap_b"]
+        if self.shadowing(snap):
+            used += ["vmread_bitmap", "vmwrite_bitmap"]
+        for name in used:
+            if self.v.vm.phys.find(snap[name]) is None:
+                return name
+        return None
+
+    def get_nested_state_pages(self) -> bool:
+        """KVM_REQ_GET_NESTED_STATE_PAGES before the first run after SET: False when a page
+        is still missing (KVM_EXIT_INTERNAL_ERROR)."""
+        return not self.guest_mode or self.missing_pages() is None
 
     def _failed_entry_exit(self, reason: int, qual: int) -> None:
         """SDM 27.8: a VM-entry failure loads L1's host state; only the exit reason and

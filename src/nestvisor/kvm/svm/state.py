@@ -1,0 +1,97 @@
+"""KVM_GET/SET_NESTED_STATE for nested SVM (KVM svm_get_nested_state, svm_set_nested_state).
+
+KVM's format carries the cached vmcb12 control area and vmcb01's save area (L1's state as
+VMRUN left it); L2's registers travel through KVM_GET/SET_REGS and SREGS. So SET in guest
+mode takes L2's state from the vCPU as it is (the SREGS/REGS loaded before it) and L1's from
+the blob, as KVM does (svm_copy_vmrun_state into vmcb01, vmcb01's old save area into
+vmcb02). Every rule is checked before anything changes, so a rejected blob leaves the vCPU
+as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from ...arch import kvm_uapi as U
+from ...arch import svm as S
+from ...state import nested_state as NS
+from ..errors import KvmError
+from .checks import check_controls, check_cr3, check_save
+from .vmcb import (
+    Vmcb,
+    VmcbSaveCached,
+    control_from_cache,
+    copy_control_to_cache,
+    copy_save_to_cache,
+)
+
+if TYPE_CHECKING:
+    from .nested import NestedSvm
+
+
+def get_nested_state(n: NestedSvm, user_size: int) -> bytes | int:
+    """KVM svm_get_nested_state: the blob, or the size it needs when `user_size` is smaller
+    (KVM writes the data before it reports E2BIG; here nothing is written)."""
+    ns = NS.NestedState(format=U.KVM_STATE_NESTED_FORMAT_SVM, size=NS.HEADER_SIZE)
+    ns.vmcb_pa = 0
+    ns.gpat = 0   # KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT (the default): L2 has L1's PAT
+    if n.guest_mode:
+        ns.vmcb_pa = n.vmcb12_pa
+        ns.size += U.KVM_STATE_NESTED_SVM_VMCB_SIZE
+        ns.flags |= U.KVM_STATE_NESTED_GUEST_MODE
+        if n.v.entry_event_pending():
+            ns.flags |= U.KVM_STATE_NESTED_RUN_PENDING
+    if n.gif:
+        ns.flags |= U.KVM_STATE_NESTED_GIF_SET
+    if user_size < ns.size:
+        return ns.size
+    if not n.guest_mode:
+        return ns.encode()
+    assert n.ctl is not None
+    n.sync_control_for_save()
+    ns = ns.with_data(NS.SVM_CONTROL_OFFSET, bytes(control_from_cache(n.ctl).data[:S.CONTROL_SIZE]))
+    return ns.with_data(NS.SVM_SAVE_OFFSET, n.vmcb01_save()[S.SAVE_OFFSET:S.SAVE_OFFSET + S.SAVE_SIZE]).encode()
+
+
+def facts(n: NestedSvm) -> NS.VcpuFacts:
+    st = n.v.ctx.get_state()
+    return NS.VcpuFacts(has_svm=n.v.profile.has("svm"), maxphyaddr=n.maxphyaddr, in_smm=False,
+                        efer_svme=n.svme, cr0=st.cr0)
+
+
+def set_nested_state(n: NestedSvm, ns: NS.NestedState) -> None:
+    """KVM svm_set_nested_state, every rule before any change; KvmError when one fails."""
+    f = facts(n)
+    bad = NS.first_violation(NS.SVM_RULES, ns, f)
+    if bad is not None:
+        raise KvmError(bad.errno, str(bad))
+    gif = bool(ns.flags & U.KVM_STATE_NESTED_GIF_SET)
+    if not ns.flags & U.KVM_STATE_NESTED_GUEST_MODE:
+        n.leave_nested()
+        n.gif = gif
+        return
+    vmcb = Vmcb(ns.data(NS.SVM_CONTROL_OFFSET, S.VMCB_SIZE))
+    has = n.v.profile.has
+    ctl = copy_control_to_cache(vmcb, has_xsave=has("xsave"), has_rdtscp=has("rdtscp"), has_invpcid=False,
+                                has_npt=True, has_skinit=False, has_rdpru=False)
+    failure = check_controls(ctl, n.maxphyaddr, npt_enabled=True)
+    if failure is not None:
+        n.trace_failed(failure)
+        raise KvmError(errno.EINVAL, f"data.svm.control: {failure} (svm_set_nested_state)")
+    bad = NS.first_violation(NS.SVM_STATE_RULES, ns, f)
+    if bad is not None:
+        raise KvmError(bad.errno, str(bad))
+    l1 = copy_save_to_cache(vmcb)
+    failure = check_save(l1, n.maxphyaddr, n.v.cr4_valid, n.v.efer_valid)
+    if failure is not None:
+        n.trace_failed(failure)
+        raise KvmError(errno.EINVAL, f"data.svm.save: {failure} (svm_set_nested_state)")
+    # nested_svm_load_cr3 on the vCPU's current (L2's) CR3, checked here before the commit
+    st = n.v.ctx.get_state()
+    l2 = VmcbSaveCached(efer=st.efer, cr4=st.cr4, cr3=st.cr3, cr0=st.cr0)
+    failure = check_cr3(l2, n.maxphyaddr, bool(ctl.nested_ctl & S.NESTED_CTL_NP_ENABLE), n.read_u64)
+    if failure is not None:
+        n.trace_failed(failure)
+        raise KvmError(errno.EINVAL, f"the vCPU's CR3: {failure} (svm_set_nested_state)")
+    n.enter_from_state(ns.vmcb_pa, ctl, vmcb, gif, bool(ns.flags & U.KVM_STATE_NESTED_RUN_PENDING))
