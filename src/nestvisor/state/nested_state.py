@@ -266,7 +266,7 @@ def _svm_guest(ns: NestedState) -> bool:
 
 def svm_save_u(ns: NestedState, name: str) -> int:
     off, size = S.SAVE[name]
-    return int.from_bytes(ns.data(SVM_SAVE_OFFSET + off - S.SAVE_OFFSET, size), "little")
+    return int.from_bytes(ns.data(SVM_SAVE_OFFSET + off, size), "little")
 
 
 def svm_control_u(ns: NestedState, name: str) -> int:
