@@ -35,6 +35,9 @@ LOOP_INSNS = 20_000_000        # straight-line loop, instructions (quick: 2M)
 LOOP_INSNS_QUICK = 2_000_000
 TRAP_ITERATIONS = 20_000       # trapped instructions per loop (quick: 2000)
 TRAP_ITERATIONS_QUICK = 2_000
+NESTED_STATE_ITERATIONS = 2_000   # get+set pairs (quick: 200)
+NESTED_STATE_ITERATIONS_QUICK = 200
+NESTED_STATE_STEP = 97          # instructions per step until L2 runs
 IA32_TSC = 0x10
 
 LOOP_ADDR = 0x7C00             # real mode, CS base 0; each guest loop gets its own address
@@ -162,6 +165,9 @@ def measure(quick: bool = False) -> dict[str, Any]:
     # e. nested VMX round trip: L2 CPUID -> L1 handler -> VMRESUME -> L2 (vmxbench guest)
     nested = {mode: _nested_round_trip(eager) for mode, eager in (("lazy", False), ("eager", True))}
 
+    # f. KVM_GET_NESTED_STATE + KVM_SET_NESTED_STATE with L2 running (vmxbench guest)
+    state_n, state_us = _nested_state_get_set(NESTED_STATE_ITERATIONS_QUICK if quick else NESTED_STATE_ITERATIONS)
+
     us = 1e6 / k
     return {
         "quick": quick,
@@ -182,6 +188,8 @@ def measure(quick: bool = False) -> dict[str, Any]:
         "nested_round_trip_eager_us": nested["eager"][1],
         "nested_fields_per_exit_lazy": nested["lazy"][2],
         "nested_fields_per_exit_eager": nested["eager"][2],
+        "nested_state_iterations": state_n,
+        "nested_state_get_set_us": state_us,
         "total_seconds": time.perf_counter() - started,
     }
 
@@ -204,6 +212,25 @@ def _nested_round_trip(eager: bool) -> tuple[int, float, float]:
     return exits, wall / exits * 1e6, (st["fields_copied"] + st["fields_copied_rare"]) / exits
 
 
+def _nested_state_get_set(iterations: int) -> tuple[int, float]:
+    """(iterations, µs per get_nested_state + set_nested_state) on a vCPU in guest mode: GET
+    syncs vmcs02 -> vmcs12 in full, SET checks everything and enters L2 again."""
+    from nestvisor.guests.build import build
+    from nestvisor.platform.machine import Machine
+
+    machine = Machine(build("vmxbench"), profile="vmx", serial_out=lambda data: None)
+    vcpu = machine.vcpus[0]
+    limit = 0
+    while not vcpu.nested.guest_mode:
+        limit += NESTED_STATE_STEP
+        if machine.run(max_instructions=limit).reason != "instruction limit":
+            raise RuntimeError("vmxbench ended before L2 ran")
+    start = time.perf_counter()
+    for _ in range(iterations):
+        vcpu.set_nested_state(vcpu.get_nested_state())
+    return iterations, (time.perf_counter() - start) / iterations * 1e6
+
+
 def format_table(r: dict[str, Any]) -> str:
     rows = [
         (f"guest loop, nestvisor ({r['loop_instructions']:,} insns)", f"{r['nestvisor_loop_mips']:.2f}", "MIPS"),
@@ -220,6 +247,8 @@ def format_table(r: dict[str, Any]) -> str:
         ("nested round trip, eager sync", f"{r['nested_round_trip_eager_us']:.1f}", "µs"),
         ("vmcs12 fields copied per exit, lazy sync", f"{r['nested_fields_per_exit_lazy']:.1f}", "fields"),
         ("vmcs12 fields copied per exit, eager sync", f"{r['nested_fields_per_exit_eager']:.1f}", "fields"),
+        (f"get_nested_state + set_nested_state in L2 ({r['nested_state_iterations']:,}x)",
+         f"{r['nested_state_get_set_us']:.1f}", "µs"),
         ("total bench time", f"{r['total_seconds']:.2f}", "s"),
     ]
     lw = max(len(a) for a, _, _ in rows)
