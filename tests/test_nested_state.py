@@ -170,3 +170,64 @@ def test_leaving_nested_operation_before_the_first_run_cancels_the_request():
     off.size = 128
     vcpu.set_nested_state(off.encode())   # leaving nested operation
     assert not vcpu.requests and not vcpu.nested.vmxon
+
+
+@pytest.fixture(scope="module")
+def l2_vcpu():
+    """vCPU 0 of vmxdemo with L2 running, and its blob."""
+    m = _guest_mode_machine()
+    return m, m.vcpus[0].get_nested_state()
+
+
+def _mutations():
+    """Blobs made from the valid one: byte flips anywhere, a header field set to a random
+    value, truncation, and bytes with no structure at all."""
+    from hypothesis import strategies as st
+    flips = st.lists(st.tuples(st.integers(0, 8319), st.integers(0, 255)), min_size=1, max_size=8)
+    header = st.tuples(st.sampled_from([0, 2, 4, 8, 16, 24, 26, 28, 32]), st.integers(0, (1 << 64) - 1))
+    return st.one_of(
+        st.tuples(st.just("flip"), flips),
+        st.tuples(st.just("header"), header),
+        st.tuples(st.just("truncate"), st.integers(0, 4223)),
+        st.tuples(st.just("random"), st.binary(min_size=0, max_size=600)),
+    )
+
+
+def _mutate(blob: bytes, how: tuple) -> bytes:
+    kind, arg = how
+    if kind == "flip":
+        b = bytearray(blob)
+        for at, value in arg:
+            if at < len(b):
+                b[at] = value
+        return bytes(b)
+    if kind == "header":
+        at, value = arg
+        width = {0: 2, 2: 2, 4: 4, 24: 2, 26: 2, 28: 4}.get(at, 8)
+        return blob[:at] + (value & ((1 << 8 * width) - 1)).to_bytes(width, "little") + blob[at + width:]
+    if kind == "truncate":
+        return blob[:arg]
+    return arg
+
+
+@needs_as
+def test_fuzzed_blobs_are_answered_with_kvm_errors_and_leave_the_vcpu_unchanged(l2_vcpu):
+    from hypothesis import HealthCheck, given, settings
+
+    m, valid = l2_vcpu
+    vcpu = m.vcpus[0]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(_mutations())
+    def check(how):
+        blob = _mutate(valid, how)
+        before = _state(vcpu)
+        try:
+            vcpu.set_nested_state(blob)
+        except nestvisor.KvmError as e:
+            assert e.errno in (errno.EINVAL, errno.EFAULT), e
+            assert _state(vcpu) == before, f"a rejected SET changed the vCPU ({e})"
+        else:
+            vcpu.set_nested_state(valid)   # back to the valid state for the next example
+
+    check()
