@@ -29,6 +29,7 @@ OFF_GDT = OFF_TR + 24
 OFF_IDT = OFF_GDT + 24
 OFF_CR = 424            # cr[9]
 OFF_EFER = 592
+OFF_XCR0 = 4904          # found by XSETBV/XGETBV (tests/test_snapshot.py runs XGETBV after set_xcrs)
 OFF_PAT = 5280
 OFF_ERROR_CODE = 5384
 OFF_EXCEPTION_IS_INT = 5388

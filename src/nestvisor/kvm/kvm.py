@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..arch import cpuid as F
 from ..arch import kvm_uapi as U
 from ..state import nested_state as NS
+from . import msr as msrs
 from .errors import einval
 from .profiles import PROFILES, Profile, get_profile
 from .vm import KVM_USER_MEM_SLOTS, MAX_VCPUS, Vm
+
+if TYPE_CHECKING:
+    from .snapshot import VmSnapshot
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
@@ -70,3 +75,32 @@ class Kvm:
     def create_vm(self) -> Vm:
         """KVM_CREATE_VM."""
         return Vm(self)
+
+    def get_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs a VMM saves and restores on this CPU profile,
+        those whose feature the profile has and that a host-initiated write can restore
+        (KVM's msrs_to_save + emulated_msrs, filtered by kvm_init_msr_lists). The read-only
+        ones (VMX capabilities, MTRRcap, MCG_CAP, ...) follow from the profile itself.
+
+        >>> import nestvisor
+        >>> 0x10 in nestvisor.Kvm().get_msr_index_list()   # IA32_TSC
+        True
+        """
+        return [i for i, row in sorted(msrs.MSR_TABLE.items())
+                if row.write is not None and (row.feature is None or self.profile.has(row.feature))]
+
+    def restore_vm(self, snapshot: VmSnapshot) -> Vm:
+        """A new VM from Vm.snapshot()'s result: the same memory, vCPUs created in the same
+        order, each loaded in KVM's order (Vcpu.load_state). EINVAL when the snapshot was
+        taken on another CPU profile.
+
+        >>> import nestvisor
+        >>> vm = nestvisor.Kvm().create_vm()
+        >>> vm.set_user_memory_region(0, 0, 0x10000)
+        >>> _ = vm.create_vcpu(0)
+        >>> vm.memory(0x1000, 2)[:] = b"hi"
+        >>> bytes(nestvisor.Kvm().restore_vm(vm.snapshot()).memory(0x1000, 2))
+        b'hi'
+        """
+        from .snapshot import restore_vm
+        return restore_vm(self, snapshot)

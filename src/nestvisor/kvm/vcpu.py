@@ -11,10 +11,13 @@ from __future__ import annotations
 import errno
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
+from ..arch import apic as A
 from ..arch import kvm_uapi as U
 from ..arch import msr as M
 from ..arch.x86 import EFER_SVME
+from ..cpu import fpu
 from ..cpu import native as N
 from ..cpu.context import HF2_NMI, HF_INHIBIT_IRQ
 from ..cpu.decode import SVM_OPS, VMX_OPS, Insn, Op, decode
@@ -26,14 +29,18 @@ from ..cpu.state import ArchState, DescTable, Segment, real_mode_segment
 from ..cpu.tdp import ACCESS_FETCH, TdpFault
 from ..state import nested_state as NS
 from . import msr as msrs
+from . import xsave as XS
 from .errors import KvmError, einval
 from .exits import Exit, InternalError, IoExit, MmioExit
 from .hypercall import HYPERCALL_OPCODES, emulate_hypercall
-from .lapic import Lapic
+from .lapic import Lapic, LapicState
 from .requests import REQ_GET_NESTED_STATE_PAGES
 from .svm.nested import NestedSvm
 from .vm import APIC_MMIO
 from .vmx.nested import ExitInfo, NestedVmx
+
+if TYPE_CHECKING:
+    from .snapshot import VcpuState
 
 INFINITY = 1 << 62
 # While an interrupt waits for RFLAGS.IF or the end of an interrupt shadow, the guest runs in
@@ -1501,6 +1508,112 @@ class Vcpu:
             self.ctx.set_reg(DREGS[i], d.db[i])
         self.ctx.set_reg(DREGS[4], d.dr6)
         self.ctx.set_reg(DREGS[5], d.dr7)
+
+    # ---- whole-vCPU state: LAPIC, XSAVE, XCRS, complete I/O, save_state / load_state ---------
+
+    def get_lapic(self) -> bytes:
+        """KVM_GET_LAPIC: struct kvm_lapic_state, the 1 KiB APIC register page (TMCCT holds
+        the current count, the x2APIC ID is 32 bits wide: KVM_X2APIC_API_USE_32BIT_IDS).
+
+        >>> import nestvisor
+        >>> vcpu = nestvisor.Kvm().create_vm().create_vcpu(0)
+        >>> len(vcpu.get_lapic())
+        1024
+        """
+        return self.lapic.snapshot().regs
+
+    def set_lapic(self, state: bytes | bytearray | LapicState) -> None:
+        """KVM_SET_LAPIC; IA32_APIC_BASE must be set first (KVM: SREGS/MSRS before LAPIC).
+        Bare bytes restart the timer from TMCCT as KVM does; a LapicState (what save_state
+        keeps) resumes it exactly where it stood.
+
+        >>> import nestvisor
+        >>> vcpu = nestvisor.Kvm().create_vm().create_vcpu(0)
+        >>> vcpu.set_lapic(vcpu.get_lapic())
+        """
+        regs = state.regs if isinstance(state, LapicState) else bytes(state)
+        if len(regs) != A.KVM_APIC_REG_SIZE:
+            raise einval(f"kvm_lapic_state is {A.KVM_APIC_REG_SIZE} bytes, not {len(regs)} (struct kvm_lapic_state)")
+        if self.lapic.x2apic_mode and int.from_bytes(regs[A.APIC_ID:A.APIC_ID + 4], "little") != self.lapic.x2apic_id:
+            raise einval("in x2APIC mode the APIC ID must be the vCPU's x2APIC ID (kvm_apic_state_fixup)")
+        self.lapic.restore(state if isinstance(state, LapicState) else regs)
+
+    def get_xsave(self) -> bytes:
+        """KVM_GET_XSAVE: struct kvm_xsave, 4096 bytes: the FXSAVE legacy region (x87, MXCSR,
+        XMM0-15) and the XSAVE header (kvm/xsave.py).
+
+        >>> import nestvisor
+        >>> vcpu = nestvisor.Kvm().create_vm().create_vcpu(0)
+        >>> len(vcpu.get_xsave())
+        4096
+        """
+        return XS.encode(fpu.read_fxsave(self.ctx))
+
+    def set_xsave(self, blob: bytes | bytearray | memoryview) -> None:
+        """KVM_SET_XSAVE, EINVAL on a header or MXCSR KVM refuses (copy_uabi_to_xstate).
+
+        >>> import nestvisor
+        >>> vcpu = nestvisor.Kvm().create_vm().create_vcpu(0)
+        >>> vcpu.set_xsave(vcpu.get_xsave())
+        """
+        fpu.write_fxsave(self.ctx, XS.decode(blob, XS.supported_xcr0(self.cpuid)))
+
+    def get_xcrs(self) -> XS.Xcrs:
+        """KVM_GET_XCRS: XCR0 only, as in KVM.
+
+        >>> import nestvisor
+        >>> nestvisor.Kvm().create_vm().create_vcpu(0).get_xcrs().xcrs[0] & 1
+        1
+        """
+        return XS.Xcrs({XS.XCR_XFEATURE_ENABLED_MASK: fpu.read_xcr0(self.ctx)})
+
+    def set_xcrs(self, xcrs: XS.Xcrs) -> None:
+        """KVM_SET_XCRS with __kvm_set_xcr's rules (EINVAL).
+
+        >>> import nestvisor
+        >>> from nestvisor.kvm.xsave import Xcrs
+        >>> nestvisor.Kvm().create_vm().create_vcpu(0).set_xcrs(Xcrs({0: 2}))
+        Traceback (most recent call last):
+        ...
+        nestvisor.kvm.errors.KvmError: [EINVAL] xcr0 0x2: bit 0 (x87) must be set (__kvm_set_xcr)
+        """
+        xcr0 = XS.check_xcrs(xcrs, XS.supported_xcr0(self.cpuid))
+        if xcr0 is not None:
+            fpu.write_xcr0(self.ctx, xcr0)
+
+    def complete_io(self) -> None:
+        """KVM_RUN with immediate_exit = 1 after an I/O or MMIO exit: finish the instruction
+        with the data userspace supplied and run nothing more (the selftests'
+        vcpu_run_complete_io, the first step of vcpu_save_state)."""
+        if self._completion is not None:
+            self._complete_userspace()
+
+    def save_state(self) -> VcpuState:
+        """KVM's save order: complete pending I/O, VCPU_EVENTS, MP_STATE, REGS, XSAVE, XCRS,
+        SREGS, NESTED_STATE (with nested VMX/SVM), MSRS (KVM_GET_MSR_INDEX_LIST), DEBUGREGS,
+        then LAPIC and nestvisor's engine state (clock, queued events, L1's context while L2
+        runs). kvm/snapshot.py says why each piece is there.
+
+        >>> import nestvisor
+        >>> vcpu = nestvisor.Kvm().create_vm().create_vcpu(0)
+        >>> state = vcpu.save_state()
+        >>> fresh = nestvisor.Kvm().create_vm().create_vcpu(0)
+        >>> fresh.load_state(state)
+        >>> fresh.get_regs() == vcpu.get_regs()
+        True
+        """
+        from .snapshot import save_vcpu
+        return save_vcpu(self)
+
+    def load_state(self, state: VcpuState) -> None:
+        """KVM's load order: SREGS, MSRS, (LAPIC), XCRS, XSAVE, VCPU_EVENTS, MP_STATE,
+        DEBUGREGS, REGS, NESTED_STATE last, because KVM_SET_NESTED_STATE checks the blob
+        against the vCPU as loaded: EFER.SVME must be set for SVM guest mode, SMM state
+        (from VCPU_EVENTS) must be known, L1's EFER.LMA decides the vmcs12 host-state checks.
+        The engine clock is loaded before all of them (the TSC and the timers are relative
+        to it). A piece KVM refuses raises KvmError with KVM's errno. Example: save_state."""
+        from .snapshot import load_vcpu
+        load_vcpu(self, state)
 
 
 _RAX_RCX = (GPRS[0], GPRS[1])

@@ -14,6 +14,7 @@ from .lapic import ApicBus
 
 if TYPE_CHECKING:
     from .kvm import Kvm
+    from .snapshot import VmSnapshot
     from .vcpu import Vcpu
 
 PAGE = 0x1000
@@ -198,3 +199,17 @@ class Vm:
         v = Vcpu(self, vcpu_id)
         self.vcpus[vcpu_id] = v
         return v
+
+    def snapshot(self) -> VmSnapshot:
+        """The whole VM as data: memory slots, every vCPU's save_state() in creation order,
+        the VM-level settings (kvm/snapshot.py). Call it between runs. Kvm.restore_vm()
+        makes a VM from it; kvm/snapfile.py writes it to a file.
+
+        >>> import nestvisor
+        >>> vm = nestvisor.Kvm().create_vm()
+        >>> _ = vm.create_vcpu(0)
+        >>> [s.vcpu_id for s in vm.snapshot().vcpus]
+        [0]
+        """
+        from .snapshot import snapshot_vm
+        return snapshot_vm(self)

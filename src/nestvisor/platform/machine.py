@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from nestvisor.arch import kvm_uapi as uapi
+from nestvisor.kvm import snapfile
+from nestvisor.kvm.snapshot import VmSnapshot
 from nestvisor.platform.debug_exit import DEBUG_EXIT_BASE, DEBUG_EXIT_SIZE, DebugExit
 from nestvisor.platform.firmware import STUB_ADDR, build_stub, enter_stub
 from nestvisor.platform.fw_cfg import FW_CFG_PORT_SEL, FwCfg
 from nestvisor.platform.multiboot import BootError, BootInfo, Module, kernel_cmdline, load_multiboot
-from nestvisor.platform.pic import MASTER_BASE, SLAVE_BASE, PicPair
+from nestvisor.platform.pic import MASTER_BASE, SLAVE_BASE, PicPair, PicState
 from nestvisor.platform.pio import PioBus
-from nestvisor.platform.serial import COM1_BASE, COM1_PORTS, Serial16550
+from nestvisor.platform.serial import COM1_BASE, COM1_PORTS, Serial16550, SerialState
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -61,6 +63,25 @@ class MachineResult:
     reason: str
     clock: int = 0  # the furthest vCPU clock, virtual ns
     exception: BaseException | None = field(default=None, repr=False)
+
+
+@dataclass
+class MachineSnapshot:
+    """A whole machine between runs: its configuration, the devices' state and the VM's
+    (memory, vCPUs). The serial output already sent is not part of it: it left the machine.
+    There is no PIT or IOAPIC on this PC, and the local APICs travel with their vCPUs."""
+
+    smp: int
+    memory: int
+    kernel: str   # what it booted, for the record; a restore loads no kernel
+    debug_exit: tuple[int, int] | None
+    debug_exit_status: int | None
+    serial: SerialState
+    pic_master: PicState
+    pic_slave: PicState
+    fw_cfg_selector: int
+    fw_cfg_offset: int
+    vm: VmSnapshot
 
 
 class StdoutSink:
@@ -145,10 +166,9 @@ class Machine:
         modules = [self._module(spec) for spec in self._initrd_list(initrd)]
         self.regions = ram_layout(memory)
         ram = _StagedRam(self.regions)
-        self.boot: BootInfo = load_multiboot(
-            image, ram, cmdline=kernel_cmdline(self.kernel_path, append), modules=modules
-        )
-        ram.write(STUB_ADDR, build_stub(self.boot.mbi_addr, self.boot.entry))
+        boot = load_multiboot(image, ram, cmdline=kernel_cmdline(self.kernel_path, append), modules=modules)
+        self.boot: BootInfo | None = boot  # None in a machine made by restore()
+        ram.write(STUB_ADDR, build_stub(boot.mbi_addr, boot.entry))
 
         if kvm_factory is None:
             from nestvisor.kvm.kvm import Kvm as kvm_factory
@@ -166,7 +186,12 @@ class Machine:
 
         self.vcpus = [self.vm.create_vcpu(i) for i in range(smp)]
         enter_stub(self.vcpus[0])  # APs wait for INIT/SIPI, as after a real reset
+        self.debug_exit_range = debug_exit
+        self._attach_devices()
 
+    def _attach_devices(self) -> None:
+        """The legacy devices on the port bus, in their power-on state."""
+        debug_exit, memory, smp = self.debug_exit_range, self.memory, self.smp
         self.bus = PioBus()
         self.serial = Serial16550(self.serial_out)
         self.bus.register(self.serial, COM1_BASE, COM1_PORTS)
@@ -180,6 +205,58 @@ class Machine:
         self.bus.register(self.pic, MASTER_BASE, 2)
         self.bus.register(self.pic, SLAVE_BASE, 2)
         self.unassigned_mmio: Counter[int] = Counter()
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    def snapshot(self) -> MachineSnapshot:
+        """The machine's state between two run() calls (platform devices + Vm.snapshot())."""
+        return MachineSnapshot(
+            self.smp, self.memory, self.kernel_path, self.debug_exit_range,
+            self.debug_exit.status if self.debug_exit is not None else None,
+            self.serial.save(), self.pic.master.save(), self.pic.slave.save(),
+            self.fw_cfg.selector, self.fw_cfg.offset, self.vm.snapshot(),
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        snap: MachineSnapshot,
+        *,
+        serial_out: Callable[[bytes], object] | None = None,
+        kvm_factory: Callable[..., Any] | None = None,
+    ) -> Machine:
+        """A fresh machine in `snap`'s state (kvm.restore_vm for the VM, then the devices);
+        run() continues where the snapshot's machine stood."""
+        m = cls.__new__(cls)
+        m.kernel_path, m.smp, m.memory = snap.kernel, snap.smp, snap.memory
+        m.serial_out = serial_out if serial_out is not None else StdoutSink()
+        m.regions = ram_layout(snap.memory)
+        m.boot = None
+        if kvm_factory is None:
+            from nestvisor.kvm.kvm import Kvm as kvm_factory
+        m.kvm = kvm_factory(profile=snap.vm.profile, features=dict(snap.vm.features))
+        m.vm = m.kvm.restore_vm(snap.vm)
+        m.vcpus = list(m.vm.vcpus.values())
+        if len(m.vcpus) != snap.smp:
+            raise BootError(f"the snapshot has {len(m.vcpus)} vCPUs, its machine {snap.smp}")
+        m.debug_exit_range = snap.debug_exit
+        m._attach_devices()
+        if m.debug_exit is not None:
+            m.debug_exit.status = snap.debug_exit_status
+        m.serial.restore(snap.serial)
+        m.pic.master.restore(snap.pic_master)
+        m.pic.slave.restore(snap.pic_slave)
+        m.fw_cfg.selector, m.fw_cfg.offset = snap.fw_cfg_selector, snap.fw_cfg_offset
+        return m
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write snapshot() to a file (kvm/snapfile.py's envelope: magic, version, CRC32)."""
+        snapfile.save(path, self.snapshot())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], **kwargs: Any) -> Machine:
+        """restore() from a file written by save(); the envelope is checked before decoding."""
+        return cls.restore(snapfile.load(path, MachineSnapshot), **kwargs)
 
     @staticmethod
     def _initrd_list(initrd: Any) -> list[str]:

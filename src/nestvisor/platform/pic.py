@@ -7,6 +7,8 @@ register (OCW1). Reads of the command port give IRR or ISR per OCW3, both 0 here
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 MASTER_BASE = 0x20
 SLAVE_BASE = 0xA0
 
@@ -16,6 +18,18 @@ ICW1_SNGL = 0x02  # single PIC: no ICW3
 OCW3_SELECT = 0x08  # D4 = 0, D3 = 1: OCW3 (D3 = 0: OCW2)
 OCW3_RR = 0x02
 OCW3_RIS = 0x01
+
+
+@dataclass
+class PicState:
+    """One 8259A's programmed state, including an initialization sequence in progress."""
+
+    imr: int = 0
+    vector_base: int = 0
+    icw3: int = 0
+    icw4: int = 0
+    read_isr: bool = False
+    expect: list[str] = field(default_factory=list)
 
 
 class Pic8259:
@@ -55,6 +69,15 @@ class Pic8259:
                 self.icw4 = value
             return
         self.imr = value  # OCW1
+
+    def save(self) -> PicState:
+        return PicState(self.imr, self.vector_base, self.icw3, self.icw4, self.read_isr, list(self._expect))
+
+    def restore(self, st: PicState) -> None:
+        if any(step not in ("icw2", "icw3", "icw4") for step in st.expect):
+            raise ValueError(f"pic state: unknown initialization steps {st.expect}")
+        self.imr, self.vector_base, self.icw3, self.icw4 = st.imr, st.vector_base, st.icw3, st.icw4
+        self.read_isr, self._expect = st.read_isr, list(st.expect)
 
     def pio_read(self, port: int, size: int) -> int:
         if port == self.base:

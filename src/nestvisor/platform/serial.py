@@ -8,6 +8,7 @@ written to THR goes to the sink at once, so the transmitter is always empty.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 COM1_BASE = 0x3F8
 COM1_PORTS = 8
@@ -27,6 +28,20 @@ LSR_THRE = 0x20  # transmitter holding register empty
 LSR_TEMT = 0x40  # transmitter empty
 IIR_NO_INT = 0x01  # no interrupt pending
 MSR_DCD_DSR_CTS = 0xB0  # QEMU serial_reset: carrier, data set ready, clear to send
+
+
+@dataclass
+class SerialState:
+    """The UART's registers (what a snapshot keeps; the sink is the machine's)."""
+
+    dll: int
+    dlm: int
+    ier: int
+    fcr: int
+    lcr: int
+    mcr: int
+    scr: int
+    transmitted: int
 
 
 class Serial16550:
@@ -87,3 +102,10 @@ class Serial16550:
         if reg == MSR:
             return MSR_DCD_DSR_CTS
         return self.scr
+
+    def save(self) -> SerialState:
+        return SerialState(self.dll, self.dlm, self.ier, self.fcr, self.lcr, self.mcr, self.scr, self.transmitted)
+
+    def restore(self, st: SerialState) -> None:
+        self.dll, self.dlm, self.ier, self.fcr = st.dll, st.dlm, st.ier, st.fcr
+        self.lcr, self.mcr, self.scr, self.transmitted = st.lcr, st.mcr, st.scr, st.transmitted
