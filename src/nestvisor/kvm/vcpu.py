@@ -1420,8 +1420,9 @@ class Vcpu:
         self._cpuid_max_basic = table[(0, 0)][0]
         self._cpuid_max_ext = table.get((0x80000000, 0), (0,))[0]
         self._sync_lapic_caps()
-        # KVM: nested VMX follows CPUID.1:ECX.VMX, and its CR4_FIXED1 follows the CR4 features
-        self.nested = NestedVmx(self) if self._feature("vmx") else None
+        # KVM: nested VMX follows CPUID.1:ECX.VMX (its CR4_FIXED1 the CR4 features), nested
+        # SVM CPUID 0x80000001:ECX.SVM
+        self.nested = NestedVmx(self) if self._feature("vmx") else NestedSvm(self) if self._feature("svm") else None
 
     def _sync_lapic_caps(self) -> None:
         """The APIC follows CPUID (KVM kvm_vcpu_after_set_cpuid): x2APIC, TSC-deadline, MAXPHYADDR."""
