@@ -174,3 +174,22 @@ def test_vmx_instructions_decode(code, bits, op, length):
 def test_vmread_register_operands():
     insn = decode(bytes.fromhex("4c0f78c3"), 64)   # vmread %r8, %rbx: field in r8, value to rbx
     assert insn.reg == 8 and insn.rm == 3 and insn.mem is None
+
+
+@needs_as
+def test_l1_and_l2_share_the_sse_state():
+    # VM entry and exit switch neither x87/SSE nor XCR0 (SDM 26.3, 27.5): what L2 leaves in
+    # XMM3 is what L1 finds after the next nested exit
+    from unicorn import x86_const as UX
+    m = Machine(build("vmxdemo"), serial_out=lambda b: None)
+    vcpu = m.vcpus[0]
+    limit = 0
+    while not vcpu.nested.guest_mode:
+        limit += 97
+        m.run(max_instructions=limit)
+    value = 0x0123456789ABCDEF_FEDCBA9876543210
+    vcpu.ctx.uc.reg_write(UX.UC_X86_REG_XMM3, value)
+    while vcpu.nested.guest_mode:
+        limit += 7
+        m.run(max_instructions=limit)
+    assert vcpu.ctx is vcpu.ctx01 and vcpu.ctx01.uc.reg_read(UX.UC_X86_REG_XMM3) == value

@@ -29,6 +29,11 @@ OFF_GDT = OFF_TR + 24
 OFF_IDT = OFF_GDT + 24
 OFF_CR = 424            # cr[9]
 OFF_EFER = 592
+# x87/SSE: CPUX86State from fpstt (after the start_init_save marker) to the end of
+# xmm_regs[15] (ZMMReg, 64 bytes each), found by writing FPSW.TOP and XMM0/XMM15 through unicorn
+OFF_FPU = 604
+OFF_XMM = 824
+OFF_FPU_END = OFF_XMM + 16 * 64
 OFF_XCR0 = 4904          # found by XSETBV/XGETBV (tests/test_snapshot.py runs XGETBV after set_xcrs)
 OFF_PAT = 5280
 OFF_ERROR_CODE = 5384

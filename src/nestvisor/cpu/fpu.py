@@ -9,6 +9,7 @@ word, so the image is built by rotating by TOP and abridging the tags as FXSAVE 
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from typing import TYPE_CHECKING
 
@@ -83,3 +84,12 @@ def write_xcr0(ctx: ExecContext, value: int) -> None:
     ctx.ctx.save()
     ctx.ctx.set_u64(C.OFF_XCR0, value)
     ctx.ctx.restore()
+
+
+def share(src: ExecContext, dst: ExecContext) -> None:
+    """Give `dst` the x87/SSE state and XCR0 of `src`: VM entry and exit switch neither (SDM
+    26.3, 27.5; APM 15.5.1), so L1 and L2, each in its own execution context, share them.
+    Copied between the two live CPU states (outside run() only)."""
+    s, d = src.trap.env, dst.trap.env
+    ctypes.memmove(d + C.OFF_FPU, s + C.OFF_FPU, C.OFF_FPU_END - C.OFF_FPU)
+    ctypes.memmove(d + C.OFF_XCR0, s + C.OFF_XCR0, 8)

@@ -247,7 +247,10 @@ class Vcpu:
         return [self.ctx01] if nested is None or nested.ctx02 is None else [self.ctx01, nested.ctx02]
 
     def switch_context(self, ctx: ExecContext) -> None:
-        """Run `ctx` from now on (a nested VM entry or exit)."""
+        """Run `ctx` from now on (a nested VM entry or exit); the x87/SSE state and XCR0 go
+        with the vCPU, as neither VMX nor SVM switches them."""
+        if ctx is not self.ctx:
+            fpu.share(self.ctx, ctx)
         self.ctx = ctx
 
     def halt_in_guest(self) -> None:
