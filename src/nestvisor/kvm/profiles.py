@@ -102,7 +102,7 @@ _SVM_LEAVES: dict[tuple[int, int], Leaf] = {
 
 PROFILES: dict[str, Profile] = {
     "vmx": _profile("vmx", F.VENDOR_INTEL, "Intel-like CPU with nested VMX (CPUID.1:ECX.VMX and the VMX MSRs)",
-                    x2apic=True, vmx=True, **{"tsc-deadline": True}),
+                    x2apic=True, vmx=True, pcid=True, **{"tsc-deadline": True}),
     "svm": _profile("svm", F.VENDOR_AMD, "AMD-like CPU with nested SVM (CPUID 8000_0001:ECX.SVM, leaf 8000_000A)",
                     _SVM_LEAVES, x2apic=True, svm=True, **{"tsc-deadline": True}),
     "base": _profile("base", F.VENDOR_INTEL, "the substrate's CPU with a local APIC in xAPIC mode only"),
