@@ -18,14 +18,17 @@ QEMU_TCG_GAPS = ("rdmsr_unknown", "wrmsr_efer_reserved", "cr4_reserved",
 
 
 def run_under_qemu(name: str, smp: int = 1, exclude: tuple[str, ...] = (),
-                   timeout: float = 60.0) -> tuple[int, tap.TapResult, str] | None:
-    """Boot guest ``name`` under QEMU TCG; return (process status, parsed TAP, serial text)."""
+                   timeout: float = 60.0, cpu: str | None = None) -> tuple[int, tap.TapResult, str] | None:
+    """Boot guest ``name`` under QEMU TCG (CPU model ``cpu``, e.g. "qemu64,+svm", or QEMU's
+    default); return (process status, parsed TAP, serial text)."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         return None
     cmd = [qemu, "-nodefaults", "-display", "none", "-serial", "stdio",
            "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-accel", "tcg",
            "-kernel", str(build.build(name)), "-smp", str(smp), "-m", "128"]
+    if cpu is not None:
+        cmd += ["-cpu", cpu]
     if exclude:
         cmd += ["-append", " ".join(f"-{t}" for t in exclude)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

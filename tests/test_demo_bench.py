@@ -25,13 +25,14 @@ def test_demo_vmx_runs_l2_and_summarises(capsys):
     assert "guest exit status (eager sync): 1 (pass)" in summary
 
 
-def test_demo_engine_summary_on_svm_profile(capsys):
-    assert demo.run(argparse.Namespace(arch="svm")) == 0
+def test_demo_engine_summary(capsys):
+    assert demo.run(argparse.Namespace(arch="engine")) == 0
     out = capsys.readouterr().out
     assert "demo: nestvisor demo guest, in 64-bit long mode" in out
     assert "demo: done, exiting with code 0" in out
     assert "guest exit status: 1 (debug-exit code 0: pass)" in out
     summary = out[out.index("nestvisor demo summary"):]
+    assert summary.startswith("nestvisor demo summary (--arch engine: the L0 engine alone, no L1/L2)")
     for kind in ("KVM_EXIT_IO", "CPUID", "RDMSR", "WRMSR", "MOV_TO_CR", "MOV_FROM_CR",
                  "RDTSC", "HLT", "IN", "OUT"):
         assert f"\n  {kind} " in summary, kind
@@ -40,11 +41,29 @@ def test_demo_engine_summary_on_svm_profile(capsys):
         assert vector in summary, vector
 
 
-def test_demo_svm_profile(capsys):
+def test_demo_svm_runs_l2_and_summarises(capsys):
     assert demo.run(argparse.Namespace(arch="svm")) == 0
     out = capsys.readouterr().out
-    assert "demo: cpuid vendor: AuthenticAMD" in out
-    assert "nested SVM is not implemented yet" in out
+    assert "svmdemo: L2 runs its loop" in out
+    # L1's own count of its #VMEXITs, printed by the guest
+    for line in ("cpuid 400", "io 400", "msr 400", "hlt 8", "hypercall 9"):
+        assert f"svmdemo:   {line}\n" in out, line
+    assert "svmdemo: done, exiting with code 0" in out
+    summary = out[out.index("nestvisor demo summary (--arch svm"):]
+    rows = {line[:32].strip(): line[32:].split() for line in summary.splitlines() if line.startswith("  ")}
+    assert rows["nested VMRUNs"] == rows["nested #VMEXITs"] == ["1,217"]
+    assert rows["failed VMRUNs (SVM_EXIT_ERR)"] == ["0"]
+    # the L0's count by exit code, with KVM's trace names, in code order
+    codes = [line.split()[0] for line in summary.splitlines() if line.startswith("    0x")]
+    assert codes == ["0x072", "0x078", "0x07b", "0x07c", "0x081"]
+    for label, n in (("0x072 cpuid", "400"), ("0x078 hlt", "8"), ("0x07b io", "400"), ("0x07c msr", "400"),
+                     ("0x081 hypercall", "9")):
+        assert rows[label] == [n], label
+    # vm_enter: one VMRUN, CLGI and STGI per exit, VMLOAD and VMSAVE of host and guest state
+    assert rows["L1 VMRUN"] == rows["L1 CLGI"] == rows["L1 STGI"] == ["1,217"]
+    assert rows["L1 VMLOAD"] == ["2,434"] and rows["L1 VMSAVE"] == ["2,435"]   # + vmcb_setup's VMSAVE
+    assert rows["wall time per #VMEXIT"][1] == "µs"
+    assert "guest exit status: 1 (pass)" in summary
 
 
 def test_bench_quick_json(capsys):

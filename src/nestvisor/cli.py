@@ -2,8 +2,9 @@
 
     nestvisor run KERNEL [--smp N] [-m SIZE] [--append ARGS] [--initrd FILE] [--profile NAME]
                          [--max-insns N]
-    nestvisor demo [--arch vmx|svm]
+    nestvisor demo [--arch vmx|svm|engine]
     nestvisor bench [--quick] [--json]
+    nestvisor state show|validate|convert|diff ...   (nestvisor.state_cli)
 
 `run` boots a multiboot kernel with COM1 on stdout and exits with the guest's debug-exit status
 (as QEMU does); when the machine stops for another reason, one line on stderr says why.
@@ -56,14 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     demo_p = sub.add_parser("demo", help="run the bundled nested-virtualization demo")
-    demo_p.add_argument("--arch", choices=("vmx", "svm"), default="vmx",
-                        help="CPU profile (nested VMX/SVM is not implemented yet: engine-only demo)")
+    demo_p.add_argument("--arch", choices=("vmx", "svm", "engine"), default="vmx",
+                        help="vmx: an L1 VMX hypervisor and its L2 (default); svm: an L1 SVM "
+                             "hypervisor and its L2; engine: the L0 engine alone, no nesting")
     demo_p.set_defaults(func=demo)
 
     bench_p = sub.add_parser("bench", help="measure guest MIPS and trapped-instruction cost")
     bench_p.add_argument("--quick", action="store_true", help="10x smaller loops (about a second)")
     bench_p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     bench_p.set_defaults(func=cmd_bench)
+
+    from nestvisor import state_cli
+
+    state_cli.add_parser(sub)
     return parser
 
 

@@ -30,7 +30,33 @@ nestvisor.guests.build [NAME...]`` prints their paths):
     traps, exceptions, a CPUID/RDTSC loop and an APIC timer wake-up from
     hlt, then exits with code 0. Every line starts with ``demo:``.
 
-Output protocol (both guests):
+``svmtest``
+    An L1 SVM hypervisor (boot with profile ``svm``; svm.h holds the VMCB
+    layout, vmcb_setup and vm_enter): enables EFER.SVME and VM_HSAVE_PA and
+    runs L2 guests in 64-bit mode through VMLOAD/VMRUN/VMSAVE under
+    CLGI/STGI. TAP checks: the SVM instructions' #UD and #GP, VMLOAD/VMSAVE,
+    exits for VMMCALL (with NRIPS next_rip), CPUID, IOIO through the IOPM,
+    MSR through the MSRPM, CR0/CR3 accesses, #UD and #PF intercepts, INVLPG,
+    RDTSC, PAUSE, HLT, VMRUN in L2 and SHUTDOWN; GIF holding a self-IPI,
+    the INTR intercept; EVENTINJ of an exception with error code and of an
+    interrupt; V_IRQ with and without the VINTR intercept; nested paging
+    (identity, a remapped page, NPF with error code and GPA); one invalid
+    vmcb12 per VMRUN consistency check (SVM_EXIT_ERR); vmcb12 rewritten by
+    L2 while it runs; the int_ctl V_TPR/V_IRQ split. Validated under QEMU
+    TCG (``-cpu qemu64,+svm,+npt``) except the IDs listed in
+    tests/test_nested_svm.py SVM_QEMU_TCG_GAPS.
+
+``svmdemo``
+    The workload behind ``nestvisor demo --arch svm``: an L1 SVM hypervisor
+    whose L2 loop exits for CPUID, port I/O, RDMSR, HLT and VMMCALL; L1
+    prints its own count of #VMEXITs by code. Lines start with ``svmdemo:``.
+
+``svmloop``
+    1000 VMRUN/#VMEXIT round trips of an L2 CPUID loop answered by an L1
+    SVM hypervisor; its console text is the same under QEMU TCG
+    (``-cpu qemu64,+svm,+npt``), which tests/test_nested_svm.py checks.
+
+Output protocol (selftest, demo and the svm guests alike):
 
 - Text on COM1 (port 0x3f8; each byte after polling LSR 0x3fd bit 5).
 - ``selftest`` prints TAP: ``ok N - name``, ``not ok N - name (check K:

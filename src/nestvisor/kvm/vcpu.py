@@ -913,6 +913,7 @@ class Vcpu:
             nested = self.nested
             if nested is not None and nested.guest_mode and nested.virtual_tpr():
                 nested.v_tpr = value   # APM 15.21.1: with V_INTR_MASKING, L2's CR8 is V_TPR
+                self.kick()   # APM 15.21.4: a V_IRQ above the new V_TPR is taken next
                 return self._skip(insn)
             self.lapic.set_cr8(value)
             self.kick()

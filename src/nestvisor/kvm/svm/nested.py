@@ -9,7 +9,6 @@ fields the CPU writes go back to vmcb12 and the int_ctl bits are split as KVM sp
 
 from __future__ import annotations
 
-import errno
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -25,7 +24,6 @@ from ...cpu.npt import Npt, NptFault
 from ...cpu.state import ArchState, DescTable, Segment
 from ...cpu.tdp import TdpFault
 from ...state.nested_state import NestedState
-from ..errors import KvmError
 from ..nested_checks import CheckFailure
 from ..requests import REQ_GET_NESTED_STATE_PAGES
 from . import state as svm_state
@@ -213,6 +211,8 @@ class NestedSvm:
 
     def _vmrun(self, insn: Insn) -> None:
         """KVM nested_svm_vmrun: cache vmcb12, check the caches, enter L2 (APM 15.5)."""
+        if not self.hsave_pa:
+            raise gp()   # KVM nested_svm_vmrun: no host save area (VM_HSAVE_PA = 0) is #GP(0)
         pa = self._rax_address()
         vmcb12 = Vmcb(self.v.vm.phys.read(pa, S.VMCB_SIZE))
         has = self.v.profile.has
@@ -332,11 +332,10 @@ class NestedSvm:
         if not self.v.entry_event_pending():
             ctl.event_inj = ctl.event_inj_err = 0
 
-    def vmcb01_save(self) -> bytes:
-        """vmcb01 as a VMCB image whose save area is L1's state as VMRUN left it (KVM keeps
-        it in vmcb01 while L2 runs; here it is the L1 context with VMRUN's RIP/RAX/RFLAGS)."""
-        l1 = self.v.ctx01
-        st = l1.get_state()
+    @staticmethod
+    def _save_area(ctx: ExecContext, rip: int, rax: int, rflags: int, svme: bool) -> Vmcb:
+        """A VMCB whose save area holds `ctx`'s state (APM appendix B layout)."""
+        st = ctx.get_state()
         v = Vmcb()
         for name in ("es", "cs", "ss", "ds", "fs", "gs", "tr"):
             s = getattr(st, name)
@@ -344,13 +343,52 @@ class NestedSvm:
         v.set_seg("ldtr", st.ldt.selector, attrib_from_segment(st.ldt), st.ldt.limit, st.ldt.base)
         v.set_seg("gdtr", 0, 0, st.gdt.limit, st.gdt.base)
         v.set_seg("idtr", 0, 0, st.idt.limit, st.idt.base)
-        for name, value in (("efer", st.efer | (EFER_SVME if self.v.efer_svme else 0)), ("cr0", st.cr0),
-                            ("cr2", st.cr2), ("cr3", st.cr3), ("cr4", st.cr4), ("rflags", self._l1_rflags),
-                            ("rip", self._l1_rip), ("rsp", l1.gpr(4)), ("rax", self._l1_rax),
-                            ("dr6", l1.reg(DREGS[4])), ("dr7", l1.reg(DREGS[5])), ("cpl", 0),
-                            ("g_pat", l1.cpu_msr(M.IA32_PAT))):
+        for name, value in (("efer", st.efer | (EFER_SVME if svme else 0)), ("cr0", st.cr0),
+                            ("cr2", st.cr2), ("cr3", st.cr3), ("cr4", st.cr4), ("rflags", rflags),
+                            ("rip", rip), ("rsp", ctx.gpr(4)), ("rax", rax),
+                            ("dr6", ctx.reg(DREGS[4])), ("dr7", ctx.reg(DREGS[5])), ("cpl", st.cpl),
+                            ("g_pat", ctx.cpu_msr(M.IA32_PAT))):
             v.set_save(name, value)
+        return v
+
+    def vmcb01_save(self) -> bytes:
+        """vmcb01 as a VMCB image whose save area is L1's state as VMRUN left it (KVM keeps
+        it in vmcb01 while L2 runs; here it is the L1 context with VMRUN's RIP/RAX/RFLAGS)."""
+        v = self._save_area(self.v.ctx01, self._l1_rip, self._l1_rax, self._l1_rflags, bool(self.v.efer_svme))
+        v.set_save("cpl", 0)
         return bytes(v.data)
+
+    def l2_save_area(self) -> bytes:
+        """L2's current state as a 744-byte save area (what #VMEXIT would write to vmcb12)."""
+        l2 = self.ctx02
+        assert l2 is not None
+        v = self._save_area(l2, l2.rip, l2.gpr(0), l2.rflags, self._l2_svme)
+        return bytes(v.data[S.SAVE_OFFSET:S.SAVE_OFFSET + S.SAVE_SIZE])
+
+    def vmrun_from_state(self, vmcb_pa: int, l1: Vmcb, ctl: VmcbCtrlCached, save: VmcbSaveCached,
+                         gif: bool, run_pending: bool) -> None:
+        """svm-v2's commit: L1's state from its save area (svm_copy_vmrun_state's fields), then
+        the VMRUN path from the checked caches, exactly as L1's VMRUN would enter L2."""
+        self.leave_nested()
+        ctx = self.v.ctx01
+        s = copy_save_to_cache(l1)
+        st = replace(ctx.get_state(), es=segment_from_vmcb(*s.es), cs=segment_from_vmcb(*s.cs),
+                     ss=segment_from_vmcb(*s.ss), ds=segment_from_vmcb(*s.ds),
+                     gdt=DescTable(s.gdtr[3], s.gdtr[2]), idt=DescTable(s.idtr[3], s.idtr[2]),
+                     cr0=s.cr0, cr3=s.cr3, cr4=s.cr4, efer=s.efer & ~EFER_SVME,
+                     rip=s.rip, rsp=s.rsp, rflags=s.rflags | 2)
+        if st.cr0 & CR0_PG and st.efer & (1 << 8):
+            st.efer |= EFER_LMA
+        ctx.set_state(st)
+        ctx.set_gpr(0, s.rax)
+        ctx.set_gpr(4, s.rsp)
+        self.v.efer_svme = bool(s.efer & EFER_SVME)
+        self.vmcb12_pa, self.ctl, self.save = vmcb_pa, ctl, save
+        self._enter_guest_mode()
+        self.gif = gif
+        if not run_pending:
+            self.v.clear_entry_event()
+        self._request_pages()
 
     def enter_from_state(self, vmcb_pa: int, ctl: VmcbCtrlCached, blob: Vmcb, gif: bool, run_pending: bool) -> None:
         """svm_set_nested_state's commit: L2 keeps the vCPU's current state (vmcb01's save
@@ -393,23 +431,22 @@ class NestedSvm:
         if not run_pending:
             # the entry's EVENTINJ was delivered before the state was saved
             self.v.clear_entry_event()
-        if self.v.vm.nested_pages_at_set:
-            missing = self.missing_pages()
-            if missing:
-                self.leave_nested()
-                raise KvmError(errno.EINVAL, f"vmcb12.{missing} is not backed by guest memory (svm_get_nested_state_pages)")
-        else:
+        self._request_pages()
+
+    def _request_pages(self) -> None:
+        """KVM_REQ_GET_NESTED_STATE_PAGES (with `vm.nested_pages_at_set` SET checked them)."""
+        if not self.v.vm.nested_pages_at_set:
             self.v.requests.add(REQ_GET_NESTED_STATE_PAGES)
 
-    def missing_pages(self) -> str | None:
+    def missing_pages(self, ctl: VmcbCtrlCached | None = None) -> str | None:
         """KVM svm_get_nested_state_pages (nested_svm_merge_msrpm): the first permission map
-        the intercepts use that guest memory does not back, or None."""
-        ctl = self.ctl
+        the intercepts of `ctl` (default: the cache) use that guest memory does not back."""
+        ctl = ctl or self.ctl
         assert ctl is not None
         maps = []
-        if self._intercepted("MSR_PROT"):
+        if ctl.intercept(S.INTERCEPT["MSR_PROT"]):
             maps.append(("msrpm_base_pa", ctl.msrpm_base_pa, S.MSRPM_SIZE))
-        if self._intercepted("IOIO_PROT"):
+        if ctl.intercept(S.INTERCEPT["IOIO_PROT"]):
             maps.append(("iopm_base_pa", ctl.iopm_base_pa, S.IOPM_SIZE))
         for name, base, size in maps:
             if any(self.v.vm.phys.find(base + off) is None for off in range(0, size, 0x1000)):
