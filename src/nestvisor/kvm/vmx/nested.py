@@ -9,7 +9,6 @@ descriptor tables) only when L1 can see them (KVM sync_vmcs02_to_vmcs12_rare).
 
 from __future__ import annotations
 
-import errno
 import struct
 from collections import Counter
 from collections.abc import Mapping
@@ -30,7 +29,6 @@ from ...cpu.state import SEG_P, ArchState, DescTable, Segment
 from ...cpu.tdp import TdpFault, TwoDimensional
 from ...state.nested_state import NestedState
 from .. import msr as msrs
-from ..errors import KvmError
 from ..requests import REQ_GET_NESTED_STATE_PAGES
 from . import state as vmx_state
 from .caps import PREEMPTION_TIMER_RATE, VmxCaps, nested_vmx_caps
@@ -1207,20 +1205,15 @@ class NestedVmx:
             self.preemption_deadline = deadline_tsc - self.v.tsc_offset
         if run_pending:
             self._inject_on_entry(v12)
-        if self.v.vm.nested_pages_at_set:
-            missing = self.missing_pages()
-            if missing:
-                self.leave_nested()
-                raise KvmError(errno.EINVAL, f"vmcs12.{missing} is not backed by guest memory (nested_get_vmcs12_pages)")
-        else:
+        if not self.v.vm.nested_pages_at_set:   # else SET checked them with the other rules
             self.v.requests.add(REQ_GET_NESTED_STATE_PAGES)
 
-    def missing_pages(self) -> str | None:
-        """KVM nested_get_vmcs12_pages: the first page vmcs12 uses that guest memory does not
-        back (bitmaps the controls enable), or None."""
-        v12 = self.vmcs12
-        assert v12 is not None
-        snap = v12.fields()
+    def missing_pages(self, snap: Mapping[str, int] | None = None) -> str | None:
+        """KVM nested_get_vmcs12_pages: the first page vmcs12 (or `snap`) uses that guest
+        memory does not back (bitmaps the controls enable), or None."""
+        if snap is None:
+            assert self.vmcs12 is not None
+            snap = self.vmcs12.fields()
         cpu = snap["cpu_based_vm_exec_control"]
         used = []
         if cpu & X.CPU_USE_MSR_BITMAPS:

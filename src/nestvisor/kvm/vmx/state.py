@@ -97,6 +97,9 @@ def set_nested_state(n: NestedVmx, ns: NS.NestedState) -> None:
         if failed is not None:
             n.trace_failed(failed[0])
             raise KvmError(errno.EINVAL, f"vmcs12: {failed[0]} (vmx_set_nested_state)")
+        missing = n.missing_pages(snap) if n.v.vm.nested_pages_at_set else None
+        if missing:   # with the option, the pages are checked with the other rules
+            raise KvmError(errno.EINVAL, f"vmcs12.{missing} is not backed by guest memory (nested_get_vmcs12_pages)")
     # every rule passed: KVM vmx_leave_nested + free_nested, then the new state
     n.leave_nested()
     if ns.vmxon_pa == INVALID:
