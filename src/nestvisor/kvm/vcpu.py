@@ -418,6 +418,10 @@ class Vcpu:
         if self.mp_state != U.KVM_MP_STATE_RUNNABLE:
             return self._idle()
         self.lapic.update_timer(self.clock)
+        if self._vmcs_event is not None and self.clock >= self.run_until:
+            # the slice ended between a nested entry and its event: userspace sees the entry
+            # still pending (KVM's nested_run_pending, KVM_STATE_NESTED_RUN_PENDING)
+            return Exit(U.KVM_EXIT_INTR)
         ex = self._inject_events()
         if ex is not None:
             return ex
