@@ -562,7 +562,8 @@ class Vcpu:
             e = nested.event_exit("PREEMPTION_TIMER")   # SDM 26.5.1: below exceptions, above NMIs and interrupts
         elif not nested.gif:
             pass   # APM 15.17: GIF = 0 holds interrupts and NMIs, intercepted or not
-        elif self.nmi_pending and nested.exits_on_nmi() and not self.ctx.hflags2() & HF2_NMI:
+        elif self.nmi_pending and nested.exits_on_nmi():
+            # KVM vmx_nmi_blocked / svm_nmi_blocked: an NMI L1 intercepts is never blocked in L2
             if nested.nmi_exit_delivers:
                 self.nmi_pending -= 1
             e = nested.event_exit("NMI")
