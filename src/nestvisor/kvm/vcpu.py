@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..arch import apic as A
+from ..arch import cpuid as F
 from ..arch import kvm_uapi as U
 from ..arch import msr as M
 from ..arch.x86 import EFER_SVME
@@ -839,10 +840,10 @@ class Vcpu:
 
     def cpuid_query(self, leaf: int, sub: int) -> tuple[int, int, int, int]:
         """CPUID as this vCPU answers it (KVM kvm_cpuid), with the per-vCPU dynamic bits."""
-        if leaf >= 0x80000000:
-            if leaf > self._cpuid_max_ext:
-                leaf = self._cpuid_max_basic   # SDM: out-of-range leaves return the highest basic leaf
-        elif leaf > self._cpuid_max_basic:
+        if leaf > (self._cpuid_max_ext if leaf >= 0x80000000 else self._cpuid_max_basic):
+            # KVM get_out_of_range_cpuid_entry: Intel answers with the highest basic leaf, AMD with zeros
+            if self.cpuid.get((0, 0), (0,))[1:] == F.VENDOR_AMD:
+                return (0, 0, 0, 0)
             leaf = self._cpuid_max_basic
         key = (leaf, sub) if (leaf, sub) in self.cpuid else (leaf, 0)
         if key not in self.cpuid or (sub and (leaf, sub) not in self.cpuid and (leaf, 1) in self.cpuid):
@@ -999,8 +1000,10 @@ class Vcpu:
         return bool(self.ctx.hflags() & HF_INHIBIT_IRQ) and self._mov_ss_end == self.ctx.rip
 
     def _pause(self, insn: Insn, rip: int) -> int:
-        if self.run_until >= INFINITY:
-            return N.NV_CONTINUE   # alone on the machine: nobody to yield to
+        if len(self.vm.vcpus) == 1:
+            # alone on the machine: nobody to yield to, and the run must not depend on where
+            # the caller ends its time slices
+            return N.NV_CONTINUE
         self._pause_yield = True
         self._skip(insn)
         return N.NV_HANDLED_STOP
@@ -1125,7 +1128,6 @@ class Vcpu:
                 raise gp()
 
     def _feature(self, name: str) -> bool:
-        from ..arch import cpuid as F
         if name not in F.FEATURES:
             return False
         leaf, reg, bit = F.FEATURES[name]
