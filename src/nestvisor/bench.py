@@ -38,6 +38,9 @@ TRAP_ITERATIONS_QUICK = 2_000
 NESTED_STATE_ITERATIONS = 2_000   # get+set pairs (quick: 200)
 NESTED_STATE_ITERATIONS_QUICK = 200
 NESTED_STATE_STEP = 97          # instructions per step until L2 runs
+SNAPSHOT_MEMORY = 64 << 20
+SNAPSHOT_ITERATIONS = 10        # snapshot+restore pairs (quick: 3)
+SNAPSHOT_ITERATIONS_QUICK = 3
 IA32_TSC = 0x10
 
 LOOP_ADDR = 0x7C00             # real mode, CS base 0; each guest loop gets its own address
@@ -168,6 +171,9 @@ def measure(quick: bool = False) -> dict[str, Any]:
     # f. KVM_GET_NESTED_STATE + KVM_SET_NESTED_STATE with L2 running (vmxbench guest)
     state_n, state_us = _nested_state_get_set(NESTED_STATE_ITERATIONS_QUICK if quick else NESTED_STATE_ITERATIONS)
 
+    # g. whole-machine snapshot and restore of a 64 MiB guest with L2 running (vmxbench)
+    snap_ms, restore_ms = _snapshot_restore(SNAPSHOT_ITERATIONS_QUICK if quick else SNAPSHOT_ITERATIONS)
+
     us = 1e6 / k
     return {
         "quick": quick,
@@ -190,6 +196,9 @@ def measure(quick: bool = False) -> dict[str, Any]:
         "nested_fields_per_exit_eager": nested["eager"][2],
         "nested_state_iterations": state_n,
         "nested_state_get_set_us": state_us,
+        "snapshot_memory_mib": SNAPSHOT_MEMORY >> 20,
+        "snapshot_ms": snap_ms,
+        "restore_ms": restore_ms,
         "total_seconds": time.perf_counter() - started,
     }
 
@@ -215,20 +224,41 @@ def _nested_round_trip(eager: bool) -> tuple[int, float, float]:
 def _nested_state_get_set(iterations: int) -> tuple[int, float]:
     """(iterations, µs per get_nested_state + set_nested_state) on a vCPU in guest mode: GET
     syncs vmcs02 -> vmcs12 in full, SET checks everything and enters L2 again."""
-    from nestvisor.guests.build import build
-    from nestvisor.platform.machine import Machine
-
-    machine = Machine(build("vmxbench"), profile="vmx", serial_out=lambda data: None)
-    vcpu = machine.vcpus[0]
-    limit = 0
-    while not vcpu.nested.guest_mode:
-        limit += NESTED_STATE_STEP
-        if machine.run(max_instructions=limit).reason != "instruction limit":
-            raise RuntimeError("vmxbench ended before L2 ran")
+    vcpu = _in_l2(SNAPSHOT_MEMORY).vcpus[0]
     start = time.perf_counter()
     for _ in range(iterations):
         vcpu.set_nested_state(vcpu.get_nested_state())
     return iterations, (time.perf_counter() - start) / iterations * 1e6
+
+
+def _in_l2(memory: int) -> Any:
+    """A vmxbench machine stopped while L2 runs."""
+    from nestvisor.guests.build import build
+    from nestvisor.platform.machine import Machine
+
+    machine = Machine(build("vmxbench"), profile="vmx", memory=memory, serial_out=lambda data: None)
+    limit = 0
+    while not machine.vcpus[0].nested.guest_mode:
+        limit += NESTED_STATE_STEP
+        if machine.run(max_instructions=limit).reason != "instruction limit":
+            raise RuntimeError("vmxbench ended before L2 ran")
+    return machine
+
+
+def _snapshot_restore(iterations: int) -> tuple[float, float]:
+    """(ms per Machine.snapshot(), ms per Machine.restore()) of a SNAPSHOT_MEMORY guest."""
+    from nestvisor.platform.machine import Machine
+
+    machine = _in_l2(SNAPSHOT_MEMORY)
+    snap_s = restore_s = 0.0
+    for _ in range(iterations):
+        start = time.perf_counter()
+        snap = machine.snapshot()
+        mid = time.perf_counter()
+        Machine.restore(snap, serial_out=lambda data: None)
+        snap_s += mid - start
+        restore_s += time.perf_counter() - mid
+    return snap_s / iterations * 1e3, restore_s / iterations * 1e3
 
 
 def format_table(r: dict[str, Any]) -> str:
@@ -249,6 +279,8 @@ def format_table(r: dict[str, Any]) -> str:
         ("vmcs12 fields copied per exit, eager sync", f"{r['nested_fields_per_exit_eager']:.1f}", "fields"),
         (f"get_nested_state + set_nested_state in L2 ({r['nested_state_iterations']:,}x)",
          f"{r['nested_state_get_set_us']:.1f}", "µs"),
+        (f"Machine.snapshot(), {r['snapshot_memory_mib']} MiB guest in L2", f"{r['snapshot_ms']:.1f}", "ms"),
+        (f"Machine.restore(), {r['snapshot_memory_mib']} MiB guest in L2", f"{r['restore_ms']:.1f}", "ms"),
         ("total bench time", f"{r['total_seconds']:.2f}", "s"),
     ]
     lw = max(len(a) for a, _, _ in rows)
