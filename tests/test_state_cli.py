@@ -115,3 +115,40 @@ def test_bad_input_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture
     status, out, err = _run(capsys, *(a.format(**files) for a in argv))
     assert status == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"nestvisor state {argv[0]}: ") and "Traceback" not in err
+
+
+def _blobs_from_a_run(name: str, profile: str, fmt: str = "svm") -> tuple[bytes, bytes, object]:
+    """Two GETs of a bundled guest while L2 runs, a few nested exits apart, and its vCPU."""
+    from nestvisor.guests.build import build
+    from nestvisor.platform.machine import Machine
+
+    m = Machine(build(name), profile=profile, serial_out=lambda b: None)
+    m.vm.svm_state_format = fmt
+    vcpu, limit, blobs = m.vcpus[0], 0, []
+    while len(blobs) < 2:
+        limit += 97
+        m.run(max_instructions=limit)
+        if vcpu.nested.guest_mode and (not blobs or vcpu.nested.stats["exits"] > 3):
+            blobs.append(vcpu.get_nested_state())
+    return blobs[0], blobs[1], vcpu
+
+
+@pytest.mark.parametrize("name,profile", [("vmxdemo", "vmx"), ("svmdemo", "svm")])
+def test_the_commands_on_blobs_of_a_real_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             name: str, profile: str) -> None:
+    a, b, vcpu = _blobs_from_a_run(name, profile)
+    fa, fb = _file(tmp_path, "a", a), _file(tmp_path, "b", b)
+    status, out, _ = _run(capsys, "validate", fa, "--profile", profile)
+    assert status == 0 and "valid" in out
+    status, out, _ = _run(capsys, "show", "--json", fb)
+    area = "vmcs12" if profile == "vmx" else "vmcb12.control"
+    assert status == 0 and json.loads(out)["header"]["flags"] in ("0x1", "0x101") and area in json.loads(out)
+    status, out, _ = _run(capsys, "diff", fa, fb)
+    assert status == 1 and ("guest_rip" in out or "exit_code" in out)
+    if profile == "svm":   # KVM's format and svm-v2, with L2's save area from the same vCPU
+        l2, v2, back = _file(tmp_path, "l2", vcpu.nested.l2_save_area()), str(tmp_path / "v2"), str(tmp_path / "k")
+        assert _run(capsys, "convert", fb, "--to", "svm-v2", "--l2-save", l2, "-o", v2)[0] == 0
+        vcpu.vm.svm_state_format = "svm-v2"
+        assert Path(v2).read_bytes() == vcpu.get_nested_state()   # what GET gives in svm-v2
+        assert _run(capsys, "convert", v2, "--to", "svm", "-o", back)[0] == 0
+        assert Path(back).read_bytes() == b
