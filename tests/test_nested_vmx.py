@@ -35,7 +35,7 @@ def test_vmxtest_guest_passes():
     m, text, result = _run("vmxtest")
     parsed = tap.parse(text)
     assert parsed.complete and not parsed.failed, text
-    assert len(parsed.tests) == 36
+    assert len(parsed.tests) == 37
     assert result.status == 1, text
     stats = m.vcpus[0].nested.stats
     # every nested exit the guest caused, by reason (SDM Appendix C numbers, as L1 saw them)

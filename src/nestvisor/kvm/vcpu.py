@@ -429,9 +429,12 @@ class Vcpu:
         if self.mp_state != U.KVM_MP_STATE_RUNNABLE:
             return None
         nested = self.nested
-        if nested is not None and nested.guest_mode and (nested.intr_window_exiting() or nested.virq_pending()) \
-                and self.ctx.rflags & RFLAGS_IF and self.ctx.hflags() & HF_INHIBIT_IRQ:
-            # SDM 26.7.5: the window opens after the one instruction the STI/MOV SS shadow covers
+        if nested is not None and nested.guest_mode and (
+                (nested.intr_window_exiting() or nested.virq_pending())
+                and self.ctx.rflags & RFLAGS_IF and self.ctx.hflags() & HF_INHIBIT_IRQ
+                or nested.nmi_window_exiting() and (self.ctx.hflags() & HF_INHIBIT_IRQ or self.ctx.hflags2() & HF2_NMI)):
+            # SDM 26.7.5, 26.7.6: the window opens after the one instruction the STI/MOV SS
+            # shadow covers, or (NMI window) after the IRET that ends virtual-NMI blocking
             return self._step_one()
         limit = self.run_until
         deadline = self.next_deadline()
@@ -568,6 +571,9 @@ class Vcpu:
             if nested.nmi_exit_delivers:
                 self.nmi_pending -= 1
             e = nested.event_exit("NMI")
+        elif nested.nmi_window_exiting() and not self.ctx.hflags2() & HF2_NMI \
+                and not self.ctx.hflags() & HF_INHIBIT_IRQ:
+            e = nested.event_exit("NMI_WINDOW")   # SDM 26.7.6: no virtual-NMI and no MOV SS/STI blocking
         elif nested.exits_on_intr() and self._interrupt_pending() and nested.physical_if():
             vector = None
             if nested.ack_intr_on_exit():
@@ -813,6 +819,14 @@ class Vcpu:
                 return N.NV_STOP_BEFORE
             if insn.op in (Op.VMMCALL, Op.VMRUN):
                 return N.NV_CONTINUE   # L2's #UD (VMRUN is always intercepted, by the checks)
+        elif insn.op in _SVM_IN_HOOK:
+            try:
+                nested.emulate(insn)   # GIF, or a read of the state and a VMCB write: safe inside the run
+            except GuestFault as f:
+                self._queue_fault(f)
+                return N.NV_STOP_BEFORE
+            self.stats[insn.op.name] += 1
+            return N.NV_HANDLED
         self._outside = insn
         return N.NV_STOP_BEFORE
 
@@ -1638,6 +1652,9 @@ _ONE_BYTE_INT = {0xCC: 3, 0xCE: 4, 0xF1: 1}
 
 # VMX instructions emulated inside the run (no context switch, no guest-physical writes)
 _VMX_IN_HOOK = frozenset((Op.VMREAD, Op.VMWRITE))
+# SVM instructions of L1 emulated inside the run: they change no segment or paging state and
+# make no event deliverable (STGI can: it stops the run, as VMLOAD and VMRUN do)
+_SVM_IN_HOOK = frozenset((Op.CLGI, Op.VMSAVE))
 
 # VM-entry interruption types (SDM 25.8.3) as delivery kinds
 _VMCS_EVENT_KIND = {0: EventKind.EXTERNAL_INTERRUPT, 2: EventKind.NMI, 3: EventKind.HARDWARE_EXCEPTION,

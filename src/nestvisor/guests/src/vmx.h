@@ -96,8 +96,11 @@
 
 /* Controls (SDM 25.6-25.8) */
 .set PIN_EXT_INTR, 1 << 0
+.set PIN_NMI_EXITING, 1 << 3
+.set PIN_VIRTUAL_NMIS, 1 << 5
 .set PIN_PREEMPTION_TIMER, 1 << 6
 .set CPU_INTR_WINDOW, 1 << 2
+.set CPU_NMI_WINDOW, 1 << 22
 .set CPU_HLT, 1 << 7
 .set CPU_CR3_STORE, 1 << 16
 .set CPU_UNCOND_IO, 1 << 24
@@ -115,6 +118,7 @@
 .set EXIT_TRIPLE_FAULT, 2
 .set EXIT_CPUID, 10
 .set EXIT_INTR_WINDOW, 7
+.set EXIT_NMI_WINDOW, 8
 .set EXIT_HLT, 12
 .set EXIT_INVD, 13
 .set EXIT_VMCALL, 18

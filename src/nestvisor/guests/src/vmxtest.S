@@ -79,6 +79,7 @@
     DEFTEST t_l2_inject, l2_inject, "an external interrupt injected on VM entry runs L2's handler"
     DEFTEST t_l2_extint, l2_extint, "external-interrupt exiting with acknowledge-on-exit reports the vector"
     DEFTEST t_l2_intr_window, l2_intr_window, "interrupt-window exit right after the STI shadow (sti; nop; vmcall)"
+    DEFTEST t_l2_nmi_window, l2_nmi_window, "NMI-window exit (virtual NMIs): at once without blocking, after L2's IRET with virtual-NMI blocking"
     DEFTEST t_l2_preemption, l2_preemption, "VMX-preemption timer: an exit (reason 52) after the count, value saved as 0"
     DEFTEST t_shadow_vmcs, shadow_vmcs, "VMCS shadowing: L2's VMREAD/VMWRITE use the shadow VMCS; a bitmap bit makes VMREAD exit"
     DEFTEST t_l2_invalidate, l2_invalidate, "L2's INVVPID and INVEPT exit (reasons 53, 50) with instruction information"
@@ -624,6 +625,53 @@ t_l2_intr_window:
     VMREAD_R GUEST_RIP, %rbx
     lea l2_after_window(%rip), %rax
     EXPECT_EQ %rbx, %rax
+    ret
+
+/* L2 returns to l2_after_iret through IRET, which ends virtual-NMI blocking (SDM 25.3) */
+l2_nmi_iret:
+    mov %rsp, %rax
+    mov %ss, %ecx
+    push %rcx
+    push %rax
+    pushfq
+    mov %cs, %ecx
+    push %rcx
+    lea l2_after_iret(%rip), %rcx
+    push %rcx
+    iretq
+l2_after_iret:
+    nop
+    vmcall
+    ud2
+
+/* SDM 26.7.6: with virtual NMIs, NMI-window exiting exits before the first instruction
+ * without virtual-NMI blocking; with it, after the IRET that ends it */
+t_l2_nmi_window:
+    push %r12
+    xor %r12d, %r12d
+1:  lea l2_nmi_iret(%rip), %rdi
+    call vmcs_setup
+    VMREAD_R PIN_BASED_CONTROLS, %rbx
+    or $PIN_NMI_EXITING | PIN_VIRTUAL_NMIS, %rbx
+    VMWRITE_I PIN_BASED_CONTROLS, %rbx
+    VMREAD_R CPU_BASED_CONTROLS, %rbx
+    or $CPU_NMI_WINDOW, %rbx
+    VMWRITE_I CPU_BASED_CONTROLS, %rbx
+    VMWRITE_I GUEST_INTERRUPTIBILITY, %r12          /* 0, then blocking by NMI (bit 3) */
+    mov $1, %edi
+    call vm_enter
+    mov %rax, %rbx
+    EXPECT_EQ %rbx, $EXIT_NMI_WINDOW
+    VMREAD_R GUEST_RIP, %rbx
+    lea l2_nmi_iret(%rip), %rax
+    lea l2_after_iret(%rip), %rcx
+    test %r12d, %r12d
+    cmovnz %rcx, %rax
+    EXPECT_EQ %rbx, %rax
+    add $8, %r12d
+    cmp $16, %r12d
+    jb 1b
+    pop %r12
     ret
 
 t_l2_preemption:

@@ -663,6 +663,9 @@ class NestedSvm:
         assert self.ctl is not None
         return bool(self.ctl.int_ctl & S.V_IRQ_MASK) and self._intercepted("VINTR")
 
+    def nmi_window_exiting(self) -> bool:
+        return False   # no virtual NMIs (V_NMI) advertised
+
     def ack_intr_on_exit(self) -> bool:
         return False   # APM 15.13.1: the interrupt stays pending in the APIC
 

@@ -573,9 +573,10 @@ class NestedVmx:
         self._load_ept(l2, v12 if sec & X.SEC_EPT else None)
         self.v.switch_context(l2)
         # KVM nested_vmx_run: HLT activity halts at once unless an event is injected or an
-        # interrupt window (with IF=1) would end the halt
+        # interrupt window (with IF=1) or an NMI window (no virtual-NMI blocking) ends the halt
         if v12["guest_activity_state"] == X.ACTIVITY_HLT and not v12["vm_entry_intr_info_field"] & X.INTR_INFO_VALID \
-                and not (cpu & X.CPU_INTR_WINDOW and v12["guest_rflags"] & RFLAGS_IF):
+                and not (cpu & X.CPU_INTR_WINDOW and v12["guest_rflags"] & RFLAGS_IF) \
+                and not (cpu & X.CPU_NMI_WINDOW and not v12["guest_interruptibility_info"] & X.GUEST_INTR_STATE_NMI):
             self.v.halt_in_guest()
 
     def _load_ept(self, l2: ExecContext, v12: Mapping[str, int] | None) -> None:
@@ -944,13 +945,13 @@ class NestedVmx:
 
     def event_exit(self, kind: str, vector: int | None = None) -> ExitInfo:
         """The exit for an event L1 intercepts: "PREEMPTION_TIMER", "NMI", "INTR" (with the
-        acknowledged `vector`), "INTR_WINDOW", "TRIPLE_FAULT" (SDM 28.2.1, 28.2.2)."""
+        acknowledged `vector`), "INTR_WINDOW", "NMI_WINDOW", "TRIPLE_FAULT" (SDM 28.2.1, 28.2.2)."""
         if kind == "NMI":
             return ExitInfo(X.EXIT["EXCEPTION_NMI"], intr_info=2 | X.INTR_TYPE_NMI | X.INTR_INFO_VALID)
         if kind == "INTR":
             return ExitInfo(X.EXIT["EXTERNAL_INTERRUPT"], intr_info=0 if vector is None else vector | X.INTR_INFO_VALID)
         return ExitInfo(X.EXIT[{"PREEMPTION_TIMER": "PREEMPTION_TIMER", "INTR_WINDOW": "INTERRUPT_WINDOW",
-                                "TRIPLE_FAULT": "TRIPLE_FAULT"}[kind]])
+                                "NMI_WINDOW": "NMI_WINDOW", "TRIPLE_FAULT": "TRIPLE_FAULT"}[kind]])
 
     def virq_pending(self) -> bool:
         return False   # no virtual-interrupt delivery (APICv) is offered
@@ -976,6 +977,10 @@ class NestedVmx:
     def intr_window_exiting(self) -> bool:
         v12 = self.vmcs12
         return v12 is not None and bool(v12["cpu_based_vm_exec_control"] & X.CPU_INTR_WINDOW)
+
+    def nmi_window_exiting(self) -> bool:
+        v12 = self.vmcs12
+        return v12 is not None and bool(v12["cpu_based_vm_exec_control"] & X.CPU_NMI_WINDOW)
 
     def ack_intr_on_exit(self) -> bool:
         v12 = self.vmcs12
