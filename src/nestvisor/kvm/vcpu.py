@@ -1505,12 +1505,13 @@ class Vcpu:
         >>> vcpu.set_nested_state(b"\\0" * 64)
         Traceback (most recent call last):
         ...
-        nestvisor.kvm.errors.KvmError: [EINVAL] size: the blob has 64 bytes, less than the 128-byte header (kvm_arch_vcpu_ioctl)
+        nestvisor.kvm.errors.KvmError: [EFAULT] the blob has 64 bytes, less than the 128-byte header (kvm_arch_vcpu_ioctl: copy_from_user of the header)
         """
         if self.nested is None:
             raise einval("this vCPU's profile has neither VMX nor SVM (no nested state ops)")
         if len(blob) < NS.HEADER_SIZE:
-            raise einval(f"size: the blob has {len(blob)} bytes, less than the 128-byte header (kvm_arch_vcpu_ioctl)")
+            raise KvmError(errno.EFAULT, f"the blob has {len(blob)} bytes, less than the 128-byte header "
+                                         "(kvm_arch_vcpu_ioctl: copy_from_user of the header)")
         ns = NS.NestedState.decode(blob)
         if ns.size > len(blob):
             raise KvmError(errno.EFAULT, f"size: the header says {ns.size} bytes, the blob has {len(blob)} "
