@@ -826,7 +826,8 @@ class Vcpu:
                 self._queue_fault(f)
                 return N.NV_STOP_BEFORE
             self.stats[insn.op.name] += 1
-            return N.NV_HANDLED
+            # STGI: GIF may now let a held interrupt or NMI through; the run stops to take it
+            return N.NV_HANDLED_STOP if insn.op == Op.STGI and self._event_waiting() else N.NV_HANDLED
         self._outside = insn
         return N.NV_STOP_BEFORE
 
@@ -1653,9 +1654,9 @@ _ONE_BYTE_INT = {0xCC: 3, 0xCE: 4, 0xF1: 1}
 
 # VMX instructions emulated inside the run (no context switch, no guest-physical writes)
 _VMX_IN_HOOK = frozenset((Op.VMREAD, Op.VMWRITE))
-# SVM instructions of L1 emulated inside the run: they change no segment or paging state and
-# make no event deliverable (STGI can: it stops the run, as VMLOAD and VMRUN do)
-_SVM_IN_HOOK = frozenset((Op.CLGI, Op.VMSAVE))
+# SVM instructions of L1 emulated inside the run: they change no segment or paging state
+# (VMLOAD and VMRUN do, and stop the run)
+_SVM_IN_HOOK = frozenset((Op.CLGI, Op.STGI, Op.VMSAVE))
 
 # VM-entry interruption types (SDM 25.8.3) as delivery kinds
 _VMCS_EVENT_KIND = {0: EventKind.EXTERNAL_INTERRUPT, 2: EventKind.NMI, 3: EventKind.HARDWARE_EXCEPTION,

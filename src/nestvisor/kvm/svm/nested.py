@@ -163,12 +163,12 @@ class NestedSvm:
         self.v.ctx.rip = self.v.ctx.rip + insn.length
 
     def _check_permissions(self) -> None:
-        """KVM nested_svm_check_permissions: #UD without EFER.SVME or outside protected mode,
+        """KVM nested_svm_check_permissions: #UD without EFER.SVME or without paging,
         #GP(0) at CPL > 0."""
-        st = self.v.ctx.get_state()
-        if not self.svme or not st.protected:
-            raise ud()
-        if st.cpl:
+        ctx = self.v.ctx
+        if not self.svme or not ctx.reg_cr(0) & CR0_PG:
+            raise ud()   # KVM: EFER.SVME and is_paging()
+        if ctx.hflags() & 3:   # CPL
             raise gp()
 
     def _rax_address(self) -> int:
