@@ -167,7 +167,7 @@ def test_execute_only_needs_the_capability() -> None:
 def test_reserved_bits_above_maxphyaddr(entry: int, bit: int) -> None:
     m = ept_mem()
     m.put64(entry, m.get64(entry) | (1 << bit))
-    misconfig(ept(m), 0x3000)
+    assert misconfig(ept(m), 0x3000).gpa == 0x3000
 
 
 def test_bits_above_51_are_not_reserved() -> None:
@@ -183,9 +183,9 @@ def test_leaf_memory_types_2_3_7_are_misconfigs(memtype: int) -> None:
         m.put64(entry, m.get64(entry) & ~(7 << 3) | (memtype << 3))
         e = ept(m)
         if memtype in (2, 3, 7):
-            misconfig(e, gpa)
-        else:
-            e.translate(gpa, READ)
+            assert misconfig(e, gpa).gpa == gpa
+        else:   # the leaf maps the region's first byte to its address field
+            assert e.translate(gpa, READ) == m.get64(entry) & 0x000FFFFFFFFFF000
 
 
 @pytest.mark.parametrize("entry, bits", [
@@ -197,27 +197,27 @@ def test_leaf_memory_types_2_3_7_are_misconfigs(memtype: int) -> None:
 def test_non_leaf_reserved_bits(entry: int, bits: int) -> None:
     m = ept_mem()
     m.put64(entry, m.get64(entry) | bits)
-    misconfig(ept(m), 0x3000)
+    assert misconfig(ept(m), 0x3000).gpa == 0x3000
 
 
 @pytest.mark.parametrize("bit", range(12, 21))
 def test_2m_leaf_address_bits_20_12_are_reserved(bit: int) -> None:
     m = ept_mem()
     m.put64(PD + 8, m.get64(PD + 8) | (1 << bit))
-    misconfig(ept(m), 2 * MIB)
+    assert misconfig(ept(m), 2 * MIB).gpa == 2 * MIB
 
 
 @pytest.mark.parametrize("bit", [12, 20, 21, 29])
 def test_1g_leaf_address_bits_29_12_are_reserved(bit: int) -> None:
     m = ept_mem()
     m.put64(PDPT + 8, m.get64(PDPT + 8) | (1 << bit))
-    misconfig(ept(m), GIB)
+    assert misconfig(ept(m), GIB).gpa == GIB
 
 
 def test_misconfig_is_found_before_a_later_missing_entry() -> None:
     m = ept_mem()
     m.put64(PD + 4 * 8, 0x6000 | W)   # a write-only non-leaf PDE over nothing
-    misconfig(ept(m), 8 * MIB)
+    assert misconfig(ept(m), 8 * MIB).gpa == 8 * MIB
 
 
 # ---------------------------------------------------------------- accessed and dirty flags

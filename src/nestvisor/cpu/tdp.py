@@ -11,6 +11,7 @@ paging_tmpl.h `nested_access`), and as a read plus a write for an A/D update oth
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from nestvisor.arch.x86 import CR4_LA57, EFER_LMA
@@ -39,7 +40,7 @@ class TdpFault(Exception):
         self.translated = translated    # the access to `linear` itself, not to a paging structure
 
 
-class TwoDimensional:
+class TwoDimensional(ABC):
     """The walk shared by EPT and NPT; subclasses define `translate` and set these."""
 
     __slots__ = ()
@@ -52,9 +53,10 @@ class TwoDimensional:
     # second-level page -> (L1 page, access bits walked with A/D set), since the last flush
     _walked: dict[int, tuple[int, int]]
 
+    @abstractmethod
     def translate(self, gpa: int, access: int, *, linear: int | None = None, translated: bool = True,
                   set_ad: bool = True) -> int:
-        raise NotImplementedError
+        """The L1 guest-physical address of L2's `gpa` (SDM 29.3.2, APM 15.25.5), or TdpFault."""
 
     def lookup(self, gpa: int, access: int, *, linear: int | None = None, translated: bool = True,
                set_ad: bool = True) -> int:

@@ -27,12 +27,11 @@ from .nested_state import (
     HEADER,
     HEADER_SIZE,
     SVM_CONTROL_OFFSET,
-    SVM_FLAGS,
     SVM_MAX_SIZE,
+    SVM_RULES,
     SVM_SAVE_OFFSET,
     NestedState,
     Rule,
-    page_address_valid,
 )
 
 # Outside KVM's numbering (0 VMX, 1 SVM, allocated upwards) so no future KVM format can collide
@@ -203,16 +202,10 @@ SVM_V2_RULES = (
          lambda ns, f: any(ns.data(V2_RESERVED_OFFSET, HEADER_SIZE - V2_RESERVED_OFFSET))),
     Rule(f"size: neither the header alone (128) nor the full layout ({V2_SIZE})", "svm-v2", _EINVAL,
          lambda ns, f: ns.size not in (HEADER_SIZE, V2_SIZE)),
-    Rule("flags: bits outside GUEST_MODE|RUN_PENDING|GIF_SET", "svm_set_nested_state", _EINVAL,
-         lambda ns, f: bool(ns.flags & ~SVM_FLAGS)),
-    Rule("flags: other than 0 or GIF_SET while the vCPU's EFER.SVME is 0", "svm_set_nested_state", _EINVAL,
-         lambda ns, f: not f.efer_svme and ns.flags not in (0, U.KVM_STATE_NESTED_GIF_SET)),
-    Rule("flags: GUEST_MODE while the vCPU is in SMM", "svm_set_nested_state", _EINVAL,
-         lambda ns, f: f.in_smm and _guest(ns)),
+    *SVM_RULES[1:4],   # KVM's flags rules, unchanged: flags, EFER.SVME, SMM
     Rule("size: GUEST_MODE without the vmcb12 and L1 areas", "svm_set_nested_state", _EINVAL,
          lambda ns, f: _guest(ns) and not _full(ns)),
-    Rule("hdr.svm.vmcb_pa: not page aligned or beyond MAXPHYADDR", "svm_set_nested_state", _EINVAL,
-         lambda ns, f: _guest(ns) and not page_address_valid(ns.vmcb_pa, f.maxphyaddr)),
+    SVM_RULES[4],      # hdr.svm.vmcb_pa, where KVM's format has it
     Rule("data.vmcb12.save.cr0 (L2's): NW=1 with CD=0", "svm_set_nested_state", _EINVAL,
          lambda ns, f: _guest(ns) and _full(ns) and bool(_u(ns, _L2_CR0) & _CR0_NW)
          and not _u(ns, _L2_CR0) & _CR0_CD),

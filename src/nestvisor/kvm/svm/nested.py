@@ -370,8 +370,16 @@ class NestedSvm:
         """svm-v2's commit: L1's state from its save area (svm_copy_vmrun_state's fields), then
         the VMRUN path from the checked caches, exactly as L1's VMRUN would enter L2."""
         self.leave_nested()
+        self._copy_vmrun_state(l1)
+        self.vmcb12_pa, self.ctl, self.save = vmcb_pa, ctl, save
+        self._enter_guest_mode()
+        self._entered_from_state(gif, run_pending)
+
+    def _copy_vmrun_state(self, vmcb: Vmcb) -> ArchState:
+        """KVM svm_copy_vmrun_state into vmcb01: L1's segments ES-DS, GDTR/IDTR, CR0/3/4,
+        EFER, RFLAGS, RIP, RSP, RAX from a save area; the rest of L1's context stays."""
         ctx = self.v.ctx01
-        s = copy_save_to_cache(l1)
+        s = copy_save_to_cache(vmcb)
         st = replace(ctx.get_state(), es=segment_from_vmcb(*s.es), cs=segment_from_vmcb(*s.cs),
                      ss=segment_from_vmcb(*s.ss), ds=segment_from_vmcb(*s.ds),
                      gdt=DescTable(s.gdtr[3], s.gdtr[2]), idt=DescTable(s.idtr[3], s.idtr[2]),
@@ -383,8 +391,11 @@ class NestedSvm:
         ctx.set_gpr(0, s.rax)
         ctx.set_gpr(4, s.rsp)
         self.v.efer_svme = bool(s.efer & EFER_SVME)
-        self.vmcb12_pa, self.ctl, self.save = vmcb_pa, ctl, save
-        self._enter_guest_mode()
+        return st
+
+    def _entered_from_state(self, gif: bool, run_pending: bool) -> None:
+        """After SET entered L2: GIF from the blob, the entry's EVENTINJ only if the entry
+        was still pending, the nested pages at the first run."""
         self.gif = gif
         if not run_pending:
             self.v.clear_entry_event()
@@ -411,27 +422,11 @@ class NestedSvm:
             shadow = l1.hflags() & HF_INHIBIT_IRQ
             l2.patch_hflags(set_mask=shadow, clear_mask=0 if shadow else HF_INHIBIT_IRQ)
             self._l2_svme = bool(self.v.efer_svme)
-        cur = l1.get_state()
-        save = copy_save_to_cache(blob)
-        st = replace(cur, es=segment_from_vmcb(*save.es), cs=segment_from_vmcb(*save.cs),
-                     ss=segment_from_vmcb(*save.ss), ds=segment_from_vmcb(*save.ds),
-                     gdt=DescTable(save.gdtr[3], save.gdtr[2]), idt=DescTable(save.idtr[3], save.idtr[2]),
-                     cr0=save.cr0, cr3=save.cr3, cr4=save.cr4, efer=save.efer & ~EFER_SVME,
-                     rip=save.rip, rsp=save.rsp, rflags=save.rflags | 2)
-        if st.cr0 & CR0_PG and st.efer & (1 << 8):
-            st.efer |= EFER_LMA
-        l1.set_state(st)
-        l1.set_gpr(0, save.rax)
-        l1.set_gpr(4, save.rsp)
-        self._l1_rip, self._l1_rax, self._l1_rflags = save.rip, save.rax, save.rflags | 2
-        self.v.efer_svme = bool(save.efer & EFER_SVME)
+        st = self._copy_vmrun_state(blob)
+        self._l1_rip, self._l1_rax, self._l1_rflags = st.rip, l1.gpr(0), st.rflags
         self.vmcb12_pa, self.ctl, self.save = vmcb_pa, ctl, None
         self._prepare_control(st, l2)
-        self.gif = gif
-        if not run_pending:
-            # the entry's EVENTINJ was delivered before the state was saved
-            self.v.clear_entry_event()
-        self._request_pages()
+        self._entered_from_state(gif, run_pending)
 
     def _request_pages(self) -> None:
         """KVM_REQ_GET_NESTED_STATE_PAGES (with `vm.nested_pages_at_set` SET checked them)."""

@@ -78,14 +78,9 @@ def set_nested_state(n: NestedSvm, ns: NS.NestedState) -> None:
     if ns.format == V2.KVM_STATE_NESTED_FORMAT_SVM_V2:
         return set_v2_state(n, ns)
     f = facts(n)
-    bad = NS.first_violation(NS.SVM_RULES, ns, f)
-    if bad is not None:
-        raise KvmError(bad.errno, str(bad))
-    gif = bool(ns.flags & U.KVM_STATE_NESTED_GIF_SET)
-    if not ns.flags & U.KVM_STATE_NESTED_GUEST_MODE:
-        n.leave_nested()
-        n.gif = gif
+    if _outside_guest_mode(n, ns, NS.SVM_RULES, f):
         return
+    gif = bool(ns.flags & U.KVM_STATE_NESTED_GIF_SET)
     vmcb = Vmcb(ns.data(NS.SVM_CONTROL_OFFSET, S.VMCB_SIZE))
     has = n.v.profile.has
     ctl = copy_control_to_cache(vmcb, has_xsave=has("xsave"), has_rdtscp=has("rdtscp"), has_invpcid=False,
@@ -113,6 +108,19 @@ def set_nested_state(n: NestedSvm, ns: NS.NestedState) -> None:
     n.enter_from_state(ns.vmcb_pa, ctl, vmcb, gif, bool(ns.flags & U.KVM_STATE_NESTED_RUN_PENDING))
 
 
+def _outside_guest_mode(n: NestedSvm, ns: NS.NestedState, rules: tuple[NS.Rule, ...], f: NS.VcpuFacts) -> bool:
+    """The header rules of either format; a blob without GUEST_MODE is then applied here
+    (svm_leave_nested, GIF from the flags) and True returned."""
+    bad = NS.first_violation(rules, ns, f)
+    if bad is not None:
+        raise KvmError(bad.errno, str(bad))
+    if ns.flags & U.KVM_STATE_NESTED_GUEST_MODE:
+        return False
+    n.leave_nested()
+    n.gif = bool(ns.flags & U.KVM_STATE_NESTED_GIF_SET)
+    return True
+
+
 def _pages_at_set(n: NestedSvm, ctl: VmcbCtrlCached) -> None:
     """With `vm.nested_pages_at_set`, the permission maps are checked with the other rules."""
     missing = n.missing_pages(ctl) if n.v.vm.nested_pages_at_set else None
@@ -129,14 +137,9 @@ def set_v2_state(n: NestedSvm, ns: NS.NestedState) -> None:
     """svm-v2's SET: its layout and KVM's header rules, then L1's state as svm_set_nested_state
     checks it, then exactly what VMRUN checks on vmcb12 (nested_vmcb_check_controls/_save,
     nested_svm_load_cr3); then L1's state is loaded and L2 entered by the VMRUN code."""
-    bad = NS.first_violation(V2.SVM_V2_RULES, ns, facts(n))
-    if bad is not None:
-        raise KvmError(bad.errno, str(bad))
-    gif = bool(ns.flags & U.KVM_STATE_NESTED_GIF_SET)
-    if not ns.flags & U.KVM_STATE_NESTED_GUEST_MODE:
-        n.leave_nested()
-        n.gif = gif
+    if _outside_guest_mode(n, ns, V2.SVM_V2_RULES, facts(n)):
         return
+    gif = bool(ns.flags & U.KVM_STATE_NESTED_GIF_SET)
     raw = ns.encode()
     vmcb12 = Vmcb(raw[V2.CONTROL_OFFSET:V2.VMCB01_SAVE_OFFSET].ljust(S.VMCB_SIZE, b"\0"))
     l1 = Vmcb(bytes(S.SAVE_OFFSET) + raw[V2.VMCB01_SAVE_OFFSET:V2.L1_REGS_OFFSET].ljust(S.VMCB_SIZE - S.SAVE_OFFSET, b"\0"))
