@@ -768,3 +768,39 @@ ist1_stack: .skip 4096
 ist1_top:
 
     .text
+
+/* L2's general registers but RAX and RSP (which VMCS/VMCB fields carry), kept by an L1 in
+ * `l2_regs` (16 quads, the x86 register order) across VM entry and exit */
+.macro L2_GPRS_LOAD
+    mov l2_regs + 8 * 1(%rip), %rcx
+    mov l2_regs + 8 * 2(%rip), %rdx
+    mov l2_regs + 8 * 3(%rip), %rbx
+    mov l2_regs + 8 * 5(%rip), %rbp
+    mov l2_regs + 8 * 6(%rip), %rsi
+    mov l2_regs + 8 * 7(%rip), %rdi
+    mov l2_regs + 8 * 8(%rip), %r8
+    mov l2_regs + 8 * 9(%rip), %r9
+    mov l2_regs + 8 * 10(%rip), %r10
+    mov l2_regs + 8 * 11(%rip), %r11
+    mov l2_regs + 8 * 12(%rip), %r12
+    mov l2_regs + 8 * 13(%rip), %r13
+    mov l2_regs + 8 * 14(%rip), %r14
+    mov l2_regs + 8 * 15(%rip), %r15
+.endm
+
+.macro L2_GPRS_STORE
+    mov %rcx, l2_regs + 8 * 1(%rip)
+    mov %rdx, l2_regs + 8 * 2(%rip)
+    mov %rbx, l2_regs + 8 * 3(%rip)
+    mov %rbp, l2_regs + 8 * 5(%rip)
+    mov %rsi, l2_regs + 8 * 6(%rip)
+    mov %rdi, l2_regs + 8 * 7(%rip)
+    mov %r8, l2_regs + 8 * 8(%rip)
+    mov %r9, l2_regs + 8 * 9(%rip)
+    mov %r10, l2_regs + 8 * 10(%rip)
+    mov %r11, l2_regs + 8 * 11(%rip)
+    mov %r12, l2_regs + 8 * 12(%rip)
+    mov %r13, l2_regs + 8 * 13(%rip)
+    mov %r14, l2_regs + 8 * 14(%rip)
+    mov %r15, l2_regs + 8 * 15(%rip)
+.endm

@@ -327,20 +327,7 @@ vm_enter:
     mov $HOST_RSP, %eax
     vmwrite %rsp, %rax
 1:
-    mov l2_regs + 8 * 1(%rip), %rcx
-    mov l2_regs + 8 * 2(%rip), %rdx
-    mov l2_regs + 8 * 3(%rip), %rbx
-    mov l2_regs + 8 * 5(%rip), %rbp
-    mov l2_regs + 8 * 6(%rip), %rsi
-    mov l2_regs + 8 * 7(%rip), %rdi
-    mov l2_regs + 8 * 8(%rip), %r8
-    mov l2_regs + 8 * 9(%rip), %r9
-    mov l2_regs + 8 * 10(%rip), %r10
-    mov l2_regs + 8 * 11(%rip), %r11
-    mov l2_regs + 8 * 12(%rip), %r12
-    mov l2_regs + 8 * 13(%rip), %r13
-    mov l2_regs + 8 * 14(%rip), %r14
-    mov l2_regs + 8 * 15(%rip), %r15
+    L2_GPRS_LOAD
     mov l2_regs(%rip), %rax
     cmpl $0, launch(%rip)
     je 1f
@@ -352,20 +339,7 @@ vm_enter:
     jmp 3f
 vm_exit_point:
     mov %rax, l2_regs(%rip)
-    mov %rcx, l2_regs + 8 * 1(%rip)
-    mov %rdx, l2_regs + 8 * 2(%rip)
-    mov %rbx, l2_regs + 8 * 3(%rip)
-    mov %rbp, l2_regs + 8 * 5(%rip)
-    mov %rsi, l2_regs + 8 * 6(%rip)
-    mov %rdi, l2_regs + 8 * 7(%rip)
-    mov %r8, l2_regs + 8 * 8(%rip)
-    mov %r9, l2_regs + 8 * 9(%rip)
-    mov %r10, l2_regs + 8 * 10(%rip)
-    mov %r11, l2_regs + 8 * 11(%rip)
-    mov %r12, l2_regs + 8 * 12(%rip)
-    mov %r13, l2_regs + 8 * 13(%rip)
-    mov %r14, l2_regs + 8 * 14(%rip)
-    mov %r15, l2_regs + 8 * 15(%rip)
+    L2_GPRS_STORE
     movq $0, vm_flags(%rip)
     mov $VM_EXIT_REASON, %eax
     vmread %rax, %rax
