@@ -220,6 +220,26 @@ def test_code_written_at_run_time_is_trapped(tmp_path):
     assert v.get_regs().rip == 0x100003
 
 
+def test_site_hooks_only_where_trapped_instructions_start(tmp_path):
+    # immediates full of trap opcode bytes (HLT f4, STI fb, IN e4/ec, WRMSR 0f 30, RDMSR 0f 32):
+    # unicorn walks every site hook at each hooked instruction, so none of them may get one
+    body = """
+  mov $0xf4fbe4ec, %eax
+  mov $0x320f300f, %ebx
+  movabs $0xf4f4f4f4f4f4f4f4, %rdx
+  mov $0x10, %ecx
+  rdmsr
+"""
+    code = assemble(program(body), tmp_path)
+    vm, v = boot(code)
+    run_to_halt(v)
+    first = ORG + code.index(bytes.fromhex("ece4fbf4"))
+    last = ORG + code.index(bytes.fromhex("f4f4f4f4f4f4f4f4")) + 8
+    hooked = sorted(a - first for a in v.ctx._site_hooks if first <= a < last + 8)
+    assert hooked == [last + 5 - first, last + 7 - first]     # the RDMSR and the HLT after it
+    assert v.stats["RDMSR"] == 2 and v.get_regs().rax & 0xFFFFFFFF != 0xF4FBE4EC
+
+
 def test_cpuid_deterministic_clock(tmp_path):
     body = "mov $0, %eax\n  cpuid\n  rdtsc\n  shl $32, %rdx\n  or %rax, %rdx\n  mov %rdx, %r12"
     code = assemble(program(body), tmp_path)

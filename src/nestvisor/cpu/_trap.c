@@ -6,8 +6,8 @@
  * address. Two costs must stay off the guest's straight-line code:
  *   - the clock: counting instructions one by one (unicorn's `count`) runs every
  *     instruction through a helper call and walks the whole code-hook list each time;
- *   - trap sites: one hook per site address is cheap only if nothing else walks that list
- *     on every instruction.
+ *   - trap sites: unicorn walks the whole code-hook list at every hooked instruction, so
+ *     the list must hold only addresses where a trapped instruction really starts.
  * So the clock is kept per translation block: nv_block_hook adds the block's instruction
  * count (decoded once by Python, with the offset of each instruction) and stops emulation
  * when the budget is spent, or before a block that would run past a hard limit (which
@@ -15,9 +15,10 @@
  * same: an instruction's time is the count before its block plus the block's instructions
  * that start before it (clock_at); that is what RDTSC answers, what Python reads in a trap
  * or an I/O callback (nv_clock), and how many a stopped run retired (nv_retired). Sites get
- * one code hook each (nv_site_hook), registered when Python scans a code page; the block
- * hook asks Python to scan every linear page a block starts or ends on the first time it
- * runs, and asks for retranslation when the scan added sites to code already translated.
+ * one code hook each (nv_site_hook), registered when Python counts a block and finds a
+ * trapped instruction in it (the block is then translated again, with the hook); the block
+ * hook also tells Python every linear page a block starts or ends on the first time it
+ * runs, so the sites already found in that physical page are hooked at their new address.
  * A third hook, on code fetch during translation, notices when a scanned page is
  * translated again (self-modifying or newly written code) so Python can rescan it.
  * A fourth, on data accesses, is installed only while CR0.AM = 1, because any memory hook
@@ -43,6 +44,10 @@ enum nv_action {
 
 enum nv_stop { NV_STOP_NONE = 0, NV_STOP_BUDGET = 1, NV_STOP_SITE = 2, NV_STOP_RETRY = 3 };
 
+/* on_count's answer when it hooked trap sites in the block: the block, translated without
+ * them, must be translated again */
+#define NV_COUNT_RETRY (-2)
+
 typedef int (*nv_emu_stop_fn)(void *uc);
 typedef int (*nv_py_page_fn)(uint64_t addr);
 typedef int (*nv_py_site_fn)(uint64_t addr);
@@ -51,6 +56,7 @@ typedef int (*nv_py_count_fn)(uint64_t addr, uint32_t size);   /* fills nv_trap.
 typedef int (*nv_reg_write_fn)(void *uc, int regid, const void *value);
 typedef void (*nv_raise_fn)(void *env, int vector, int error_code);
 typedef bool (*nv_restore_fn)(void *cpu, uintptr_t host_pc, bool will_exit);
+typedef void (*nv_interrupt_fn)(void *env, int vector, int is_hw);
 
 #define NV_RECHECK_MAX 64
 
@@ -107,6 +113,12 @@ struct nv_trap {
     void *cpu;
     uintptr_t *mem_io_pc;
     nv_restore_fn restore_state;
+    /* An NMI or external interrupt to deliver before the next block runs (vector + 1; 0 =
+     * none), by QEMU's do_interrupt_x86_hardirq (seg_helper.c): inside the run a fault
+     * while delivering reaches UC_HOOK_INTR like any other. Cleared before the call, so
+     * Python can tell "delivered or faulted" from "the run never reached a block". */
+    int32_t inject;
+    nv_interrupt_fn do_interrupt;
     /* private */
     uint64_t last_page;
     uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
@@ -438,6 +450,15 @@ void nv_block_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
 {
     /* until the block is counted, the clock stands at its first instruction */
     t->block = NULL;
+    if (t->inject) {
+        int vector = t->inject - 1;
+        t->inject = 0;
+        t->do_interrupt(t->env, vector, 1);
+        /* writing RIP makes unicorn leave this block and go on at the handler */
+        uint64_t rip = *t->eip;
+        t->reg_write(uc, t->reg_rip, &rip);
+        return;
+    }
     if (t->recheck_count) {
         int r = t->on_recheck();
         if (r) {
@@ -461,7 +482,11 @@ void nv_block_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
         n = t->cvals[s];
         b = t->cblocks[s];
     } else {
-        int r = t->on_count(addr, size);   /* at least 1, or -1 when Python failed */
+        int r = t->on_count(addr, size);   /* at least 1, -1 when Python failed, or NV_COUNT_RETRY */
+        if (r == NV_COUNT_RETRY) {
+            stop(uc, t, NV_STOP_RETRY);
+            return;
+        }
         n = r < 0 ? 0 : (uint32_t)r < t->offsets_cap ? (uint32_t)r : t->offsets_cap;
         struct nv_block *nb = n ? malloc(sizeof(*nb) + n * sizeof(uint16_t)) : NULL;
         if (!nb) {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -27,7 +27,7 @@ from . import native as N
 from .decode import Insn, decode
 from .faults import GuestFault, PageFault
 from .paging import translate
-from .sites import rescan, scan
+from .sites import scan
 from .state import ArchState
 from .tdp import TdpFault, TwoDimensional
 
@@ -42,7 +42,6 @@ DREGS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3,
 _CRS = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3, 4: X.UC_X86_REG_CR4, 8: X.UC_X86_REG_CR8}
 TOP = 0xFFFFFFFFFFFFFFFF
 _PAGING_REGS = (X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4, X.UC_X86_REG_CS)
-SCAN_CACHE_PAGES = 1024
 # Instructions a translation block can hold: QEMU ends one once it spans a page less 32
 # bytes (its last instruction adds at most 15), and an instruction is at least a byte long.
 BLOCK_INSNS_MAX = 0x1000
@@ -161,6 +160,7 @@ class ExecContext:
         self.trap.cpu = cpu
         self.trap.mem_io_pc = cpu + C.OFF_CPU_MEM_IO_PC
         self.trap.restore_state = N.RESTORE_STATE
+        self.trap.do_interrupt = N.DO_INTERRUPT
         self._offsets = (ctypes.c_uint16 * BLOCK_INSNS_MAX)()
         self.trap.offsets = ctypes.addressof(self._offsets)
         self.trap.offsets_cap = BLOCK_INSNS_MAX
@@ -176,11 +176,12 @@ class ExecContext:
         # scanned code: physical page -> (snapshot of its bytes, linear pages that map it)
         self._scanned: dict[int, tuple[bytes, set[int]]] = {}
         self._decoded: dict[tuple[int, int], Insn | None] = {}
-        # Scan results by page content: a TLB flush (every VM entry of L2, every CR3 write)
-        # makes pages be visited again, and their bytes have usually not changed.
-        self._scan_cache: dict[bytes, list[int]] = {}
-        self._last_scan: dict[int, tuple[bytes, list[int]]] = {}   # physical page -> last scan
+        # Trap sites are found in the blocks the CPU runs (_on_count), where instruction starts
+        # are known: every hooked address costs a step of unicorn's hook-list walk at each
+        # site it runs, so only real instructions get hooks.
         self._site_hooks: set[int] = set()     # linear addresses with a site hook (never removed)
+        self._page_sites: dict[int, set[int]] = {}   # physical page -> page offsets of its sites
+        self._lin_phys: dict[int, int] = {}   # linear code page -> the physical page last seen there
         self._error: BaseException | None = None
         self.exception: RaisedException | None = None
         self.unmapped: UnmappedAccess | None = None
@@ -391,6 +392,8 @@ class ExecContext:
         N.uc_ctl0(self.h, N.CTL_TB_FLUSH)
         N.traplib.nv_flush_counts(self._tp)
         self._scanned.clear()
+        self._page_sites.clear()
+        self._lin_phys.clear()
         self.flush_tlb()
 
     def paging_regs(self) -> tuple[int, int, int, int]:
@@ -486,6 +489,23 @@ class ExecContext:
                     break
         return stop
 
+    def deliver_interrupt(self, vector: int) -> Stop | None:
+        """Deliver an NMI (vector 2) or external interrupt through the IVT/IDT as the CPU does
+        it (QEMU's do_interrupt_x86_hardirq, run by the block hook), stopping before the
+        handler's first instruction. Stop.EXCEPTION when the delivery faulted (`exception`);
+        None, with nothing changed, when the CPU could not even fetch where it stands (that
+        fault comes after the interrupt: the caller delivers it itself)."""
+        cr2 = self.reg(X.UC_X86_REG_CR2)
+        t = self.trap
+        t.inject = vector + 1
+        stop = self.run(0)
+        if t.inject:
+            t.inject = 0
+            self.exception = None
+            self.set_reg(X.UC_X86_REG_CR2, cr2)   # a fetch #PF wrote CR2
+            return None
+        return stop
+
     def _emulate(self, count: int) -> int:
         """uc_emu_start from RIP; `count` 1 runs one instruction (unicorn's count mode)."""
         t = self.trap
@@ -497,6 +517,10 @@ class ExecContext:
             self._no_exception_in_flight()
             err = N.uclib.uc_emu_start(self.h, self.rip, TOP, 0, count)
             if t.stop_reason != N.NV_STOP_RETRY or self._error is not None:
+                return err
+            if count and N.traplib.nv_clock(self._tp):
+                # the step's instruction ran; the retry is for the next block
+                t.stop_reason = N.NV_STOP_NONE
                 return err
             # New trap sites were hooked in code already translated: translate it again. (A
             # ranged TB_REMOVE_CACHE walks the page through the fetch path, which faults on
@@ -585,30 +609,34 @@ class ExecContext:
             return -1
 
     def _scan_linear_page(self, page: int) -> int:
-        """Hook every trap site of a linear page; returns how many hooks are new."""
+        """Record a linear page the CPU runs code from and hook the sites already found in its
+        physical page; returns how many hooks are new."""
         N.traplib.nv_set_page(self._tp, page >> 12)
         try:
             pa = self.linear_to_phys(page, fetch=True) & ~0xFFF
         except PageFault:
             return 0
+        pp = pa >> 12
         code = self.mem.read(pa, 0x1000)
-        try:
-            nxt = self.linear_to_phys(page + 0x1000, fetch=True)
-            tail = self.mem.read(nxt & ~0xFFF, 15)
-        except PageFault:
-            tail = b""
+        entry = self._scanned.get(pp)
+        moved = self._lin_phys.get(page >> 12, pp) != pp
+        self._lin_phys[page >> 12] = pp
+        if entry is None or entry[0] != code:
+            if entry is not None:
+                self._page_sites.pop(pp, None)
+            entry = (code, entry[1] if entry else set())
+            self._scanned[pp] = entry
+            N.traplib.nv_mark_scanned(self._tp, pp)
+            moved = True
+        entry[1].add(page >> 12)
+        if moved:
+            # other code at these linear addresses: count its blocks (and find their sites) again
+            N.traplib.nv_flush_counts(self._tp)
+        return self._hook_sites(page, self._page_sites.get(pp, ()))
+
+    def _hook_sites(self, page: int, offsets: Iterable[int]) -> int:
         added = 0
         hh = ctypes.c_size_t()
-        # the longest opcode pattern is two bytes, so one byte of the next page decides the scan
-        window = code + tail[:1]
-        offsets = self._scan_cache.get(window)
-        if offsets is None:
-            if len(self._scan_cache) >= SCAN_CACHE_PAGES:
-                self._scan_cache.clear()
-            last = self._last_scan.get(pa >> 12)
-            offsets = scan(window) if last is None else rescan(last[0], last[1], window)
-            self._scan_cache[window] = offsets
-        self._last_scan[pa >> 12] = (window, offsets)
         for offset in offsets:
             addr = page + offset
             if addr not in self._site_hooks:
@@ -616,12 +644,6 @@ class ExecContext:
                     raise RuntimeError("uc_hook_add(site) failed")
                 self._site_hooks.add(addr)
                 added += 1
-        entry = self._scanned.get(pa >> 12)
-        if entry is None or entry[0] != code:
-            entry = (code, entry[1] if entry else set())
-            self._scanned[pa >> 12] = entry
-            N.traplib.nv_mark_scanned(self._tp, pa >> 12)
-        entry[1].add(page >> 12)
         return added
 
     def _on_recheck(self) -> int:
@@ -640,6 +662,7 @@ class ExecContext:
                         self._decoded = {k: v for k, v in self._decoded.items() if k[0] >> 12 != lp}
                     entry[1].clear()
                     del self._scanned[pp]
+                    self._page_sites.pop(pp, None)
                     N.traplib.nv_flush_counts(self._tp)
             return 0
         except BaseException as e:  # noqa: BLE001
@@ -648,11 +671,27 @@ class ExecContext:
 
     def _on_count(self, addr: int, size: int) -> int:
         """Instructions in the translation block [addr, addr+size), their offsets written to
-        the trap's `offsets` (decoded once, then cached in C)."""
+        the trap's `offsets` (decoded once, then cached in C). The block's trap sites are
+        hooked; when that adds hooks the block must be translated again (NV_COUNT_RETRY)."""
         try:
-            code = self.read_code(addr, size)
+            # the bytes after the block too: QEMU may end a block inside an instruction it
+            # refuses (#UD) that is a trap site all the same
+            code = self.read_code(addr, size + 15)
             md = _DISASM[self.code_bits()]
-            offsets = [a - addr for a, _, _, _ in md.disasm_lite(code, addr)][:BLOCK_INSNS_MAX] or [0]
+            offsets = [a - addr for a, _, _, _ in md.disasm_lite(code, addr) if a - addr < size][:BLOCK_INSNS_MAX] or [0]
+            starts = set(offsets)
+            added = 0
+            for off in scan(code[:size + 14]):
+                if off in starts:
+                    linear = addr + off
+                    page = linear & ~0xFFF
+                    pp = self._lin_phys.get(page >> 12)
+                    if pp is None:
+                        pp = self.linear_to_phys(page, fetch=True) >> 12
+                    self._page_sites.setdefault(pp, set()).add(linear & 0xFFF)
+                    added += self._hook_sites(page, (linear & 0xFFF,))
+            if added:
+                return N.NV_COUNT_RETRY
             self._offsets[:len(offsets)] = offsets
             return len(offsets)
         except BaseException as e:  # noqa: BLE001

@@ -57,6 +57,7 @@ UC_HOOK_MEM_WRITE = 1 << 11
 # action codes returned by Python site callbacks (enum nv_action in _trap.c)
 NV_CONTINUE, NV_HANDLED, NV_STOP_BEFORE, NV_HANDLED_STOP = 0, 1, 2, 3
 NV_STOP_NONE, NV_STOP_BUDGET, NV_STOP_SITE, NV_STOP_RETRY = 0, 1, 2, 3
+NV_COUNT_RETRY = -2   # on_count hooked new sites in the block: translate it again
 
 PAGE_CB = ctypes.CFUNCTYPE(ctypes.c_int, c_u64)
 RECHECK_CB = ctypes.CFUNCTYPE(ctypes.c_int)
@@ -98,6 +99,8 @@ class NvTrap(ctypes.Structure):
         ("cpu", c_p),
         ("mem_io_pc", c_p),
         ("restore_state", c_p),
+        ("inject", ctypes.c_int32),
+        ("do_interrupt", c_p),
     ]
 
 
@@ -138,3 +141,5 @@ REG_WRITE = ctypes.cast(uclib.uc_reg_write, c_p).value
 RAISE_EXCEPTION_ERR = ctypes.cast(uclib.raise_exception_err_x86_64, c_p).value
 # QEMU's cpu_restore_state (translate-all.c): RIP from a host address in translated code
 RESTORE_STATE = ctypes.cast(uclib.cpu_restore_state_x86_64, c_p).value
+# QEMU's do_interrupt_x86_hardirq (seg_helper.c): delivery through the IVT/IDT as the CPU does it
+DO_INTERRUPT = ctypes.cast(uclib.do_interrupt_x86_hardirq_x86_64, c_p).value

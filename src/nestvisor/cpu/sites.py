@@ -1,9 +1,10 @@
-"""Finding trap sites: the addresses in a code page where a trapped instruction may start.
+"""Finding trap sites: where in a run of code bytes a trapped instruction may start.
 
-The scan is by byte pattern over the whole page, so it also finds sites in code that lives
-in data sections or was written at run time. A candidate that is not really an instruction
-start costs nothing (the hook fires only where an instruction starts); a candidate that is
-an instruction start is decoded exactly before anything is emulated (decode.py).
+The scan is by byte pattern, so it also finds sites in code that lives in data sections or
+was written at run time. Its candidates include bytes inside other instructions (an
+immediate 0xF4 is not a HLT); the engine keeps only those where a block the CPU runs really
+has an instruction start (ExecContext._on_count), and every candidate it keeps is decoded
+exactly before anything is emulated (decode.py).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ MAX_PREFIXES = 4
 
 
 def scan(code: bytes) -> list[int]:
-    """Page offsets of candidate sites in the first 4096 bytes of `code` (which may carry up
-    to 15 bytes of the next page, so an instruction that crosses the page end is seen whole)."""
+    """Offsets of candidate sites in the first 4096 bytes of `code` (which may carry the bytes
+    that follow, so an instruction that crosses the end is seen whole)."""
     sites: set[int] = set()
     for m in _OPCODES.finditer(code):
         start = m.start()
@@ -43,27 +44,3 @@ def scan(code: bytes) -> list[int]:
             k -= 1
     return sorted(sites)
 
-
-# A site at offset k depends on bytes k .. k + SITE_SPAN - 1 (prefixes, opcode, its second byte).
-SITE_SPAN = MAX_PREFIXES + 2
-
-
-def rescan(old: bytes, old_sites: list[int], new: bytes) -> list[int]:
-    """scan(new), given scan(old) == old_sites: only the sites whose bytes changed are
-    looked for again (a page of code next to data that changes is visited often).
-
-    >>> code = bytes(4096)
-    >>> new = code[:100] + b"\\x0f\\xa2" + code[102:]
-    >>> rescan(code, scan(code), new) == scan(new) == [100]
-    True
-    """
-    if len(old) != len(new):
-        return scan(new)
-    diff = (int.from_bytes(old, "little") ^ int.from_bytes(new, "little")).to_bytes(len(new), "little")
-    hi = len(diff.rstrip(b"\0"))
-    if hi == 0:
-        return old_sites
-    lo = len(diff) - len(diff.lstrip(b"\0"))
-    a = max(0, lo - SITE_SPAN + 1)
-    fresh = [a + o for o in scan(new[a:hi + SITE_SPAN]) if a + o < min(hi, 4096)]
-    return sorted([o for o in old_sites if o < a or o >= hi] + fresh)

@@ -595,6 +595,18 @@ class Vcpu:
 
     def _deliver(self, vector: int, kind: EventKind, error_code: int | None, insn_len: int = 0,
                  cr2: int | None = None) -> Exit | None:
+        nested = self.nested
+        if kind in _NATIVE_KINDS and self.ctx.tdp is None and (nested is None or not nested.guest_mode):
+            # an NMI or interrupt outside guest mode: the CPU model delivers it (what an
+            # interrupt costs decides how fast IPIs go)
+            stop = self.ctx.deliver_interrupt(vector)
+            if stop is not None:
+                self.stats[f"deliver_{vector}"] += 1
+                if self.mp_state == U.KVM_MP_STATE_HALTED:
+                    self.mp_state = U.KVM_MP_STATE_RUNNABLE
+                if stop == Stop.EXCEPTION:
+                    return self._handle_exception()   # SDM 6.15 Table 6-5: then the fault
+                return None
         st = self.ctx.get_state()
         if cr2 is not None:
             st.cr2 = cr2   # SDM 4.7: #PF loads CR2 with the faulting linear address
@@ -1651,6 +1663,9 @@ _RAX_RBX_RCX_RDX = (GPRS[0], GPRS[3], GPRS[1], GPRS[2])
 
 # one-byte software exceptions and their vectors: INT3, INTO, INT1
 _ONE_BYTE_INT = {0xCC: 3, 0xCE: 4, 0xF1: 1}
+# events the CPU model can deliver itself (ExecContext.deliver_interrupt): no error code, no
+# instruction length, nothing of VMX/SVM event injection
+_NATIVE_KINDS = frozenset((EventKind.NMI, EventKind.EXTERNAL_INTERRUPT))
 
 # VMX instructions emulated inside the run (no context switch, no guest-physical writes)
 _VMX_IN_HOOK = frozenset((Op.VMREAD, Op.VMWRITE))
