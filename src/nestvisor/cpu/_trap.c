@@ -119,6 +119,15 @@ struct nv_trap {
      * Python can tell "delivered or faulted" from "the run never reached a block". */
     int32_t inject;
     nv_interrupt_fn do_interrupt;
+    /* NMIs latched while the hook may deliver them itself (nmi_native: outside guest mode,
+     * GIF set): one is taken at the first block start where neither an NMI (HF2_NMI_MASK,
+     * cleared by IRET) nor an STI/MOV SS shadow blocks it; nmi_taken counts them */
+    uint32_t nmi_pending;
+    uint32_t nmi_native;
+    uint32_t nmi_taken;
+    uint32_t *hflags2;
+    uint32_t hf_inhibit_irq;
+    uint32_t hf2_nmi;
     /* private */
     uint64_t last_page;
     uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
@@ -455,6 +464,15 @@ void nv_block_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
         t->inject = 0;
         t->do_interrupt(t->env, vector, 1);
         /* writing RIP makes unicorn leave this block and go on at the handler */
+        uint64_t rip = *t->eip;
+        t->reg_write(uc, t->reg_rip, &rip);
+        return;
+    }
+    if (t->nmi_pending && t->nmi_native && !(*t->hflags2 & t->hf2_nmi) && !(*t->hflags & t->hf_inhibit_irq)) {
+        t->nmi_pending--;
+        t->nmi_taken++;
+        *t->hflags2 |= t->hf2_nmi;   /* SDM 6.7.1: NMIs are blocked until the next IRET */
+        t->do_interrupt(t->env, 2, 1);
         uint64_t rip = *t->eip;
         t->reg_write(uc, t->reg_rip, &rip);
         return;

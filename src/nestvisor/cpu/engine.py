@@ -41,6 +41,10 @@ DREGS = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3,
          X.UC_X86_REG_DR6, X.UC_X86_REG_DR7)
 _CRS = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3, 4: X.UC_X86_REG_CR4, 8: X.UC_X86_REG_CR8}
 TOP = 0xFFFFFFFFFFFFFFFF
+_GPR_INDEX = {rid: n for n, rid in enumerate(GPRS)}
+_EIP_INDEX = C.OFF_EIP // 8
+_HFLAGS_INDEX, _HFLAGS2_INDEX = C.OFF_HFLAGS // 4, C.OFF_HFLAGS2 // 4
+_CS_SELECTOR_INDEX = (C.OFF_SEGS + 24 * C.R_CS) // 4
 _PAGING_REGS = (X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4, X.UC_X86_REG_CS)
 # Instructions a translation block can hold: QEMU ends one once it spans a page less 32
 # bytes (its last instruction adds at most 15), and an instruction is at least a byte long.
@@ -109,9 +113,11 @@ _ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
 
 
 class _Batch:
-    """Preallocated argument arrays for uc_reg_{read,write}_batch over a fixed register list."""
+    """Preallocated argument arrays for uc_reg_{read,write}_batch over a fixed register list;
+    for a list of general registers only, their indexes in CPUX86State.regs instead."""
 
     def __init__(self, ids: tuple[int, ...]) -> None:
+        self.gprs = tuple(_GPR_INDEX[i] for i in ids) if all(i in _GPR_INDEX for i in ids) else None
         self.n = len(ids)
         self.ids = (ctypes.c_int * self.n)(*ids)
         self.vals = (ctypes.c_uint64 * self.n)()
@@ -149,6 +155,12 @@ class ExecContext:
         self.trap.on_count = ctypes.cast(self._cb_count, N.c_p).value
         env = self.ctx.live_address()
         self.trap.env = env
+        # The live CPUX86State, read and written in place where unicorn's register API would
+        # do no more (general registers, EIP, hflags, old_exception): it is current outside a
+        # run and inside a hook, where TCG has stored its globals and reloads them after.
+        live = memoryview((ctypes.c_char * (C.OFF_OLD_EXCEPTION + 4)).from_address(env)).cast("B")
+        self._live_q = live[:C.OFF_EIP + 8].cast("Q")   # regs[16], eip
+        self._live_i = live.cast("I")
         self.trap.hflags = env + C.OFF_HFLAGS
         self.trap.eflags = env + C.OFF_EFLAGS
         self.trap.raise_exception_err = N.RAISE_EXCEPTION_ERR
@@ -161,6 +173,9 @@ class ExecContext:
         self.trap.mem_io_pc = cpu + C.OFF_CPU_MEM_IO_PC
         self.trap.restore_state = N.RESTORE_STATE
         self.trap.do_interrupt = N.DO_INTERRUPT
+        self.trap.hflags2 = env + C.OFF_HFLAGS2
+        self.trap.hf_inhibit_irq = C.HF_INHIBIT_IRQ
+        self.trap.hf2_nmi = C.HF2_NMI
         self._offsets = (ctypes.c_uint16 * BLOCK_INSNS_MAX)()
         self.trap.offsets = ctypes.addressof(self._offsets)
         self.trap.offsets_cap = BLOCK_INSNS_MAX
@@ -291,6 +306,9 @@ class ExecContext:
         b = self._batches.get(ids)
         if b is None:
             b = self._batches[ids] = _Batch(ids)
+        if b.gprs is not None:
+            q = self._live_q
+            return [q[i] for i in b.gprs]
         N.uclib.uc_reg_read_batch(self.h, b.ids, b.ptrs, b.n)
         return list(b.vals)
 
@@ -300,20 +318,25 @@ class ExecContext:
         b = self._batches.get(ids)
         if b is None:
             b = self._batches[ids] = _Batch(ids)
+        if b.gprs is not None:
+            q = self._live_q
+            for i, v in zip(b.gprs, values):
+                q[i] = v & TOP
+            return
         vals = b.vals
         for i, v in enumerate(values):
             vals[i] = v & TOP
         N.uclib.uc_reg_write_batch(self.h, b.ids, b.ptrs, b.n)
 
     def gpr(self, n: int) -> int:
-        return self.reg(GPRS[n])
+        return self._live_q[n]
 
     def set_gpr(self, n: int, value: int) -> None:
-        self.set_reg(GPRS[n], value)
+        self._live_q[n] = value & TOP
 
     @property
     def rip(self) -> int:
-        return self.reg(RIP)
+        return self._live_q[_EIP_INDEX]
 
     @rip.setter
     def rip(self, value: int) -> None:
@@ -347,19 +370,16 @@ class ExecContext:
             self.flush_tlb()
 
     def hflags(self) -> int:
-        self.ctx.save()
-        return self.ctx.hflags
+        return self._live_i[_HFLAGS_INDEX]
 
     def hflags2(self) -> int:
-        self.ctx.save()
-        return self.ctx.u32(C.OFF_HFLAGS2)
+        return self._live_i[_HFLAGS2_INDEX]
 
     def patch_hflags(self, set_mask: int = 0, clear_mask: int = 0, set2: int = 0, clear2: int = 0) -> None:
         """Change hidden flags (interrupt shadow, NMI blocking, SMM). Only outside run()."""
-        self.ctx.save()
-        self.ctx.set_u32(C.OFF_HFLAGS, (self.ctx.hflags | set_mask) & ~clear_mask)
-        self.ctx.set_u32(C.OFF_HFLAGS2, (self.ctx.u32(C.OFF_HFLAGS2) | set2) & ~clear2)
-        self.ctx.restore()
+        live = self._live_i
+        live[_HFLAGS_INDEX] = (live[_HFLAGS_INDEX] | set_mask) & ~clear_mask & 0xFFFFFFFF
+        live[_HFLAGS2_INDEX] = (live[_HFLAGS2_INDEX] | set2) & ~clear2 & 0xFFFFFFFF
 
     def set_tsc(self, base: int, fast: bool) -> None:
         """The TSC is base + instructions retired in the run; `fast` lets the trap hook answer
@@ -577,10 +597,7 @@ class ExecContext:
         only do_interrupt_all resets. Unicorn never runs that, and faults internally where no
         hook sees it (uc_hook_add probes the hooked range through the fetch path), so every
         entry starts with no exception in flight."""
-        self.ctx.save()
-        if self.ctx.u32(C.OFF_OLD_EXCEPTION) != 0xFFFFFFFF:
-            self.ctx.set_u32(C.OFF_OLD_EXCEPTION, 0xFFFFFFFF)
-            self.ctx.restore()
+        self._live_i[C.OFF_OLD_EXCEPTION // 4] = 0xFFFFFFFF
 
     def step(self) -> Stop:
         """Execute one instruction (unicorn's count mode; rare paths only); `retired` is 0
@@ -705,7 +722,7 @@ class ExecContext:
         return 32 if hf & C.HF_CS32 else 16
 
     def decode_at(self, linear: int) -> Insn | None:
-        key = (linear, self.reg(X.UC_X86_REG_CS))
+        key = (linear, self._live_i[_CS_SELECTOR_INDEX])
         insn = self._decoded.get(key, False)
         if insn is False:
             insn = decode(self.read_code(linear, 15), self.code_bits())

@@ -101,6 +101,12 @@ class NvTrap(ctypes.Structure):
         ("restore_state", c_p),
         ("inject", ctypes.c_int32),
         ("do_interrupt", c_p),
+        ("nmi_pending", ctypes.c_uint32),
+        ("nmi_native", ctypes.c_uint32),
+        ("nmi_taken", ctypes.c_uint32),
+        ("hflags2", c_p),
+        ("hf_inhibit_irq", ctypes.c_uint32),
+        ("hf2_nmi", ctypes.c_uint32),
     ]
 
 

@@ -210,7 +210,7 @@ class Vcpu:
         self.mp_state = U.KVM_MP_STATE_RUNNABLE if vcpu_id == 0 else U.KVM_MP_STATE_UNINITIALIZED
         self.pending_exception: tuple[int, int | None] | None = None
         self.exception_payload: int | None = None   # #PF address for CR2 (KVM's exception payload)
-        self.nmi_pending = 0
+        self._nmi_pending = 0
         self.ext_interrupts: list[int] = []
         self.init_pending = False
         self.sipi_pending: int | None = None
@@ -323,9 +323,30 @@ class Vcpu:
                 other._ipi_yield = True
                 other.ctx.request_stop()
 
+    @property
+    def nmi_pending(self) -> int:
+        """NMIs latched and not yet delivered (KVM's nmi_pending). During a run in which the
+        trap hook takes them itself (`_native_nmis`) they wait in its nv_trap."""
+        return self._nmi_pending + self.ctx.trap.nmi_pending
+
+    @nmi_pending.setter
+    def nmi_pending(self, value: int) -> None:
+        self.ctx.trap.nmi_pending = 0
+        self._nmi_pending = value
+
+    def _native_nmis(self) -> bool:
+        """Whether the coming run's hook may deliver NMIs: outside guest mode (where L1 may
+        intercept them) and with GIF set."""
+        nested = self.nested
+        return self.ctx.tdp is None and (nested is None or not nested.guest_mode and nested.gif)
+
     def deliver_nmi(self) -> None:
         # KVM process_nmi: two NMIs may be pending, but only one while an NMI is being handled
         limit = 1 if self.ctx.hflags2() & HF2_NMI else 2
+        t = self.ctx.trap
+        if self._running and t.nmi_native:
+            t.nmi_pending = min(t.nmi_pending + 1, limit)   # taken at the next block start: no stop
+            return
         self.nmi_pending = min(self.nmi_pending + 1, limit)
         self.kick()
 
@@ -444,20 +465,32 @@ class Vcpu:
             return Exit(U.KVM_EXIT_INTR)
         budget = max(1, limit - self.clock)
         self.idle_slice = False
-        if self._event_waiting():
+        ctx = self.ctx
+        t = ctx.trap
+        t.nmi_native = native = self._native_nmis()
+        if native and self._nmi_pending:
+            t.nmi_pending, self._nmi_pending = self._nmi_pending, 0
+        if self._interrupt_pending() or self._nmi_pending:
             budget = min(budget, WINDOW_SLICE)
         hard = TOP
         if nested is not None and nested.preemption_deadline is not None and nested.preemption_deadline > self.clock:
             # SDM 26.5.1.3: the timer's VM exit comes before any instruction retires after it reaches 0
             hard = nested.preemption_deadline - self.clock
         self._load_tsc()
-        self.ctx.trap.sti_watch = self._sti_watch()
+        t.sti_watch = self._sti_watch()
         self._running = True
         try:
-            stop = self.ctx.run(budget, hard)
+            stop = ctx.run(budget, hard)
         finally:
             self._running = False
-            self.clock += self.ctx.retired
+            self.clock += ctx.retired
+            if t.nmi_taken:
+                self.stats["deliver_2"] += t.nmi_taken
+                t.nmi_taken = 0
+            if t.nmi_pending:
+                self._nmi_pending += t.nmi_pending
+                t.nmi_pending = 0
+            t.nmi_native = 0
         return self._handle_stop(stop)
 
     def _idle(self) -> Exit | None:
