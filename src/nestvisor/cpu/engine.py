@@ -320,7 +320,7 @@ class ExecContext:
             b = self._batches[ids] = _Batch(ids)
         if b.gprs is not None:
             q = self._live_q
-            for i, v in zip(b.gprs, values):
+            for i, v in zip(b.gprs, values, strict=True):
                 q[i] = v & TOP
             return
         vals = b.vals
