@@ -329,6 +329,71 @@ def test_rdtsc_fast_path_matches_python_path(tmp_path, monkeypatch):
     assert slow[2] == 200 and fast[2] == 1   # Python saw every RDTSC only without the fast path
 
 
+# The APIC timer counted down and read 800 times (one-shot, masked, 3000 ns at divide-by-1):
+# past the target the reads are 0. r12 hashes every value read.
+_TMCCT_POLL = """
+  mov $800, %esi
+  xor %r12, %r12
+1: READ
+  imul $31, %r12, %r12
+  add %rax, %r12
+  dec %esi
+  jnz 1b"""
+_X2APIC_TIMER = """
+  mov $0x1b, %ecx
+  rdmsr
+  or $0xc00, %eax
+  wrmsr
+  xor %edx, %edx
+  mov $0x83e, %ecx
+  mov $0xb, %eax
+  wrmsr
+  mov $0x832, %ecx
+  mov $0x100ee, %eax
+  wrmsr
+  mov $0x838, %ecx
+  mov $3000, %eax
+  wrmsr
+  mov $0x839, %ecx""" + _TMCCT_POLL.replace("READ", "rdmsr")
+_XAPIC_TIMER = """
+  movl $0x20003, 0x4018
+  movl $0xfee00083, 0x20fb8
+  mov %cr3, %rax
+  mov %rax, %cr3
+  mov $0xfee00000, %ebx
+  movl $0xb, 0x3e0(%rbx)
+  movl $0x100ee, 0x320(%rbx)
+  movl $3000, 0x380(%rbx)""" + _TMCCT_POLL.replace("READ", "mov 0x390(%rbx), %eax")
+
+
+@pytest.mark.parametrize("body", [_X2APIC_TIMER, _XAPIC_TIMER], ids=["x2apic-rdmsr", "xapic-mmio"])
+def test_tmcct_fast_path_matches_python_path(tmp_path, monkeypatch, body):
+    # while the timer counts down the hooks answer TMCCT in C; past the target, Python
+    from nestvisor.cpu.engine import ExecContext
+    from nestvisor.kvm.lapic import Lapic
+    seen = {"reads": 0}
+    read_register = Lapic._read_register
+
+    def counted(self, offset):
+        seen["reads"] += offset == 0x390
+        return read_register(self, offset)
+
+    monkeypatch.setattr(Lapic, "_read_register", counted)
+    code = assemble(program(body), tmp_path)
+    results = []
+    for fast in (True, False):
+        if not fast:
+            set_tmcct = ExecContext.set_tmcct
+            monkeypatch.setattr(ExecContext, "set_tmcct", lambda self, where, *a: set_tmcct(self, 0, *a))
+        seen["reads"] = 0
+        vm, v = boot(code)
+        run_to_halt(v)
+        results.append((v.get_regs().r12, v.clock, seen["reads"]))
+    (fast_hash, fast_clock, fast_reads), (slow_hash, slow_clock, slow_reads) = results
+    assert (fast_hash, fast_clock) == (slow_hash, slow_clock) and fast_hash != 0
+    assert slow_reads == 800 and fast_reads < 400   # Python saw only the reads at or past the target
+
+
 def test_clock_is_exact_inside_a_block():
     # one translation block of 40 NOPs and a HLT (real mode at ORG): the clock counts whole
     # blocks, yet a run stopped inside one has retired exactly the instructions before RIP

@@ -41,6 +41,12 @@ enum nv_action {
 };
 
 #define NV_STI_SITE 0xFF
+#define NV_RDMSR_SITE 0x80   /* | the instruction's length */
+
+#define MSR_X2APIC_TMCCT 0x839
+#define APIC_TMCCT 0x390
+#define NV_TMCCT_MSR 1    /* fast_tmcct bits: answer RDMSR 0x839 (x2APIC mode) */
+#define NV_TMCCT_MMIO 2   /* answer a 32-bit read of the xAPIC page at 0x390 */
 
 enum nv_stop { NV_STOP_NONE = 0, NV_STOP_BUDGET = 1, NV_STOP_SITE = 2, NV_STOP_RETRY = 3 };
 
@@ -57,6 +63,7 @@ typedef int (*nv_reg_write_fn)(void *uc, int regid, const void *value);
 typedef void (*nv_raise_fn)(void *env, int vector, int error_code);
 typedef bool (*nv_restore_fn)(void *cpu, uintptr_t host_pc, bool will_exit);
 typedef void (*nv_interrupt_fn)(void *env, int vector, int is_hw);
+typedef uint64_t (*nv_py_mmio_read_fn)(uint64_t offset, uint32_t size);
 
 #define NV_RECHECK_MAX 64
 
@@ -128,6 +135,17 @@ struct nv_trap {
     uint32_t *hflags2;
     uint32_t hf_inhibit_irq;
     uint32_t hf2_nmi;
+    /* The APIC timer's current count (TMCCT) answered here while the timer counts down in
+     * this run (KVM apic_get_tmcct: min(target - now, period) / divisor, now = clock_base +
+     * the instruction clock), at RDMSR sites Python registered with nv_fast_rdmsr and in
+     * the xAPIC page's read callback. At or after the target the timer fires: Python. */
+    uint32_t fast_tmcct;
+    uint64_t clock_base;
+    uint64_t tmcct_target;
+    uint64_t tmcct_period;
+    uint64_t tmcct_divisor;
+    uint64_t *regs;   /* CPUX86State.regs: ECX says which MSR */
+    nv_py_mmio_read_fn apic_read;   /* every other read of the xAPIC page */
     /* private */
     uint64_t last_page;
     uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
@@ -294,6 +312,12 @@ static void put_native(struct nv_trap *t, uint64_t addr, uint8_t val);
 void nv_fast_rdtsc(struct nv_trap *t, uint64_t addr, uint32_t len)
 {
     put_native(t, addr, (uint8_t)len);
+}
+
+/* Answer the RDMSR at this linear address here when it reads TMCCT (see fast_tmcct). */
+void nv_fast_rdmsr(struct nv_trap *t, uint64_t addr, uint32_t len)
+{
+    put_native(t, addr, (uint8_t)(NV_RDMSR_SITE | len));
 }
 
 /* Let the STI at this linear address run without a callback while sti_watch is clear. */
@@ -535,6 +559,18 @@ static void retire_here(struct nv_trap *t, uint64_t at)
     t->block = NULL;
 }
 
+/* TMCCT at clock `at` of this run, or -1 when the timer is not counting down then. */
+static int64_t tmcct_at(const struct nv_trap *t, uint64_t at)
+{
+    uint64_t now = t->clock_base + at;
+    if (now >= t->tmcct_target)
+        return -1;
+    uint64_t remaining = t->tmcct_target - now;
+    if (remaining > t->tmcct_period)
+        remaining = t->tmcct_period;
+    return (int64_t)(remaining / t->tmcct_divisor);
+}
+
 void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
 {
     (void)size;
@@ -543,6 +579,20 @@ void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
         if (t->fkeys[s] && t->fvals[s] == NV_STI_SITE) {
             if (!t->sti_watch)
                 return;
+        } else if (t->fkeys[s] && (t->fvals[s] & NV_RDMSR_SITE)) {
+            /* SDM RDMSR: #GP at CPL > 0, which Python raises */
+            if ((t->fast_tmcct & NV_TMCCT_MSR) && (uint32_t)t->regs[1] == MSR_X2APIC_TMCCT && !(*t->hflags & 3)) {
+                uint64_t at = clock_at(t, addr);
+                int64_t v = tmcct_at(t, at);
+                if (v >= 0) {
+                    uint64_t lo = (uint64_t)v, hi = 0, rip = addr + (t->fvals[s] & ~NV_RDMSR_SITE);
+                    t->reg_write(uc, t->reg_rax, &lo);
+                    t->reg_write(uc, t->reg_rdx, &hi);
+                    t->reg_write(uc, t->reg_rip, &rip);
+                    retire_here(t, at);
+                    return;
+                }
+            }
         } else if (t->fkeys[s] && t->fast_tsc) {
             /* SDM RDTSC: EDX:EAX = TSC, upper halves of RAX/RDX cleared */
             uint64_t at = clock_at(t, addr), tsc = t->tsc_base + at;
@@ -566,6 +616,20 @@ void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
     default:
         return;
     }
+}
+
+/* A read of the xAPIC page (unicorn's MMIO read callback, its RIP synced as in
+ * nv_sync_io_pc). */
+uint64_t nv_apic_mmio_read(void *uc, uint64_t offset, unsigned size, struct nv_trap *t)
+{
+    (void)uc;
+    nv_sync_io_pc(t);
+    if ((t->fast_tmcct & NV_TMCCT_MMIO) && offset == APIC_TMCCT && size == 4) {
+        int64_t v = tmcct_at(t, nv_clock(t));
+        if (v >= 0)
+            return (uint64_t)v;
+    }
+    return t->apic_read(offset, size);
 }
 
 /* Data read or write, hooked only while CR0.AM = 1 (translations then call it for every

@@ -174,6 +174,7 @@ class ExecContext:
         self.trap.restore_state = N.RESTORE_STATE
         self.trap.do_interrupt = N.DO_INTERRUPT
         self.trap.hflags2 = env + C.OFF_HFLAGS2
+        self.trap.regs = env + C.OFF_REGS
         self.trap.hf_inhibit_irq = C.HF_INHIBIT_IRQ
         self.trap.hf2_nmi = C.HF2_NMI
         self._offsets = (ctypes.c_uint16 * BLOCK_INSNS_MAX)()
@@ -221,25 +222,30 @@ class ExecContext:
         # which is how rewritten code pages are noticed.
         self.uc.mem_map_ptr(gpa, size, UC_PROT_READ | UC_PROT_WRITE, host_addr)
 
-    def map_mmio(self, gpa: int, size: int, read: Callable[[int, int], int], write: Callable[[int, int, int], None]) -> None:
-        """Memory-mapped I/O; in `read` and `write`, RIP and clock() are the accessing
-        instruction's."""
-        def rd(uc, offset, size, data):  # noqa: ANN001 - unicorn's callback signature
+    def map_apic(self, gpa: int, read: Callable[[int, int], int], write: Callable[[int, int, int], None]) -> None:
+        """The local APIC's xAPIC page as memory-mapped I/O. Reads go to the trap's C callback,
+        which answers TMCCT itself while the timer counts (fast_tmcct) and hands the rest to
+        `read`; in `read` and `write`, RIP and clock() are the accessing instruction's."""
+        def rd(offset: int, size: int) -> int:
             try:
-                N.traplib.nv_sync_io_pc(self._tp)
                 return read(offset, size)
             except BaseException as e:  # noqa: BLE001 - any failure stops the run and re-raises
                 self._fail(e)
                 return 0
 
-        def wr(uc, offset, size, value, data):  # noqa: ANN001
+        def wr(uc, offset, size, value, data):  # noqa: ANN001 - unicorn's callback signature
             try:
                 N.traplib.nv_sync_io_pc(self._tp)
                 write(offset, size, value)
             except BaseException as e:  # noqa: BLE001
                 self._fail(e)
 
-        self.uc.mmio_map(gpa, size, rd, None, wr, None)
+        self._cb_apic_read = N.MMIO_READ_CB(rd)
+        self._cb_apic_write = N.MMIO_WRITE_CB(wr)
+        self.trap.apic_read = ctypes.cast(self._cb_apic_read, N.c_p).value
+        if N.uclib.uc_mmio_map(self.h, gpa, 0x1000, N.APIC_MMIO_READ, self._tp,
+                               ctypes.cast(self._cb_apic_write, N.c_p).value, None):
+            raise RuntimeError("uc_mmio_map(APIC) failed")
 
     def unmap(self, gpa: int, size: int) -> None:
         self.uc.mem_unmap(gpa, size)
@@ -390,6 +396,21 @@ class ExecContext:
     def fast_rdtsc(self, linear: int, length: int) -> None:
         """Answer the RDTSC at `linear` in the trap hook from now on (until a TLB flush)."""
         N.traplib.nv_fast_rdtsc(self._tp, linear, length)
+
+    def fast_rdmsr(self, linear: int, length: int) -> None:
+        """Answer the RDMSR at `linear` in the trap hook when it reads TMCCT and the timer
+        counts (set_tmcct), until a TLB flush."""
+        N.traplib.nv_fast_rdmsr(self._tp, linear, length)
+
+    def set_tmcct(self, where: int, clock_base: int, target: int, period: int, divisor: int) -> None:
+        """Let the hooks answer TMCCT for this run (`where`: NV_TMCCT_MSR, NV_TMCCT_MMIO, or 0)
+        while the vCPU clock (clock_base + retired) is before `target`."""
+        t = self.trap
+        t.fast_tmcct = where
+        t.clock_base = clock_base
+        t.tmcct_target = target
+        t.tmcct_period = period
+        t.tmcct_divisor = divisor
 
     def passive_sti(self, linear: int) -> None:
         """Run the STI at `linear` without a callback while no interrupt waits (see run's

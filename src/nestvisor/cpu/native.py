@@ -33,6 +33,8 @@ uclib.uc_context_save.argtypes = [c_p, c_p]
 uclib.uc_context_restore.argtypes = [c_p, c_p]
 uclib.uc_context_size.argtypes = [c_p]
 uclib.uc_context_size.restype = ctypes.c_size_t
+uclib.uc_mmio_map.argtypes = [c_p, c_u64, ctypes.c_size_t, c_p, c_p, c_p, c_p]
+uclib.uc_mmio_map.restype = ctypes.c_int
 uclib.uc_hook_del.argtypes = [c_p, ctypes.c_size_t]
 uclib.uc_hook_del.restype = ctypes.c_int
 
@@ -107,6 +109,13 @@ class NvTrap(ctypes.Structure):
         ("hflags2", c_p),
         ("hf_inhibit_irq", ctypes.c_uint32),
         ("hf2_nmi", ctypes.c_uint32),
+        ("fast_tmcct", ctypes.c_uint32),
+        ("clock_base", c_u64),
+        ("tmcct_target", c_u64),
+        ("tmcct_period", c_u64),
+        ("tmcct_divisor", c_u64),
+        ("regs", c_p),
+        ("apic_read", c_p),
     ]
 
 
@@ -128,6 +137,7 @@ traplib.nv_free.argtypes = [c_p]
 traplib.nv_flush.argtypes = [c_p]
 traplib.nv_fast_rdtsc.argtypes = [c_p, c_u64, ctypes.c_uint32]
 traplib.nv_passive_sti.argtypes = [c_p, c_u64]
+traplib.nv_fast_rdmsr.argtypes = [c_p, c_u64, ctypes.c_uint32]
 traplib.nv_set_page.argtypes = [c_p, c_u64]
 traplib.nv_drop_page.argtypes = [c_p, c_u64]
 traplib.nv_mark_scanned.argtypes = [c_p, c_u64]
@@ -141,6 +151,10 @@ BLOCK_HOOK = ctypes.cast(traplib.nv_block_hook, c_p).value
 SITE_HOOK = ctypes.cast(traplib.nv_site_hook, c_p).value
 FETCH_HOOK = ctypes.cast(traplib.nv_fetch_hook, c_p).value
 ALIGN_HOOK = ctypes.cast(traplib.nv_align_hook, c_p).value
+APIC_MMIO_READ = ctypes.cast(traplib.nv_apic_mmio_read, c_p).value
+MMIO_READ_CB = ctypes.CFUNCTYPE(c_u64, c_u64, ctypes.c_uint32)
+MMIO_WRITE_CB = ctypes.CFUNCTYPE(None, c_p, c_u64, ctypes.c_uint, c_u64, c_p)   # unicorn's uc_cb_mmio_write_t
+NV_TMCCT_MSR, NV_TMCCT_MMIO = 1, 2
 EMU_STOP = ctypes.cast(uclib.uc_emu_stop, c_p).value
 REG_WRITE = ctypes.cast(uclib.uc_reg_write, c_p).value
 # QEMU's raise_exception_err (excp_helper.c), exported by libunicorn under its x86-64 name

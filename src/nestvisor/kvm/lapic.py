@@ -688,6 +688,15 @@ class Lapic:
             return 0
         return min(remaining, self._period) // (A.APIC_BUS_CYCLE_NS * self.divide_count)
 
+    def countdown(self) -> tuple[int, int, int] | None:
+        """The one-shot or periodic timer while it is armed: (target ns, period ns, ns per
+        TMCCT tick), from which TMCCT at any clock before the target is _get_tmcct's
+        min(target - now, period) // ns per tick. None when TMCCT is not such a countdown."""
+        if self.timer_mode == A.APIC_LVT_TIMER_TSCDEADLINE or self._target is None or not self._period \
+                or not self.get_reg(A.APIC_TMICT):
+            return None
+        return self._target, self._period, A.APIC_BUS_CYCLE_NS * self.divide_count
+
     @property
     def tsc_deadline(self) -> int:
         """IA32_TSC_DEADLINE read (KVM kvm_get_lapic_tscdeadline_msr): 0 outside TSC-deadline mode."""

@@ -240,7 +240,7 @@ class Vcpu:
         ctx = ExecContext(self.vm.phys, self)
         for s in self.vm.slots.values():
             ctx.map_ram(s.guest_phys_addr, s.memory_size, s.host_addr)
-        ctx.map_mmio(self._apic_mmio, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
+        ctx.map_apic(self._apic_mmio, self._apic_mmio_read, self._apic_mmio_write)
         return ctx
 
     def contexts(self) -> list[ExecContext]:
@@ -310,6 +310,20 @@ class Vcpu:
             base += nested.l2_tsc_offset
             fast = fast and not nested.rdtsc_exiting()
         self.ctx.set_tsc(base, fast)
+
+    def _load_tmcct(self) -> None:
+        """Let the hooks answer TMCCT while the APIC timer counts down in the run that starts
+        or goes on (a guest polling it for a deadline reads it a million times): not in guest
+        mode, where L1 may intercept the MSR or map the page elsewhere."""
+        lapic = self.lapic
+        nested = self.nested
+        outside_guest = self.ctx.tdp is None and (nested is None or not nested.guest_mode)
+        countdown = lapic.countdown() if outside_guest and lapic.hw_enabled else None
+        if countdown is None:
+            self.ctx.trap.fast_tmcct = 0
+            return
+        where = N.NV_TMCCT_MSR if lapic.x2apic_mode else N.NV_TMCCT_MMIO
+        self.ctx.set_tmcct(where, self.clock, *countdown)
 
     def kick(self) -> None:
         if self._running:
@@ -477,6 +491,7 @@ class Vcpu:
             # SDM 26.5.1.3: the timer's VM exit comes before any instruction retires after it reaches 0
             hard = nested.preemption_deadline - self.clock
         self._load_tsc()
+        self._load_tmcct()
         t.sti_watch = self._sti_watch()
         self._running = True
         try:
@@ -936,7 +951,10 @@ class Vcpu:
     def _rdmsr(self, insn: Insn, rip: int) -> int:
         if self._cpl() > 0:
             raise gp()   # SDM RDMSR: #GP(0) if CPL > 0
-        value = msrs.get_msr(self, self.ctx.gpr(1) & 0xFFFFFFFF)
+        index = self.ctx.gpr(1) & 0xFFFFFFFF
+        value = msrs.get_msr(self, index)
+        if index == _X2APIC_TMCCT:
+            self.ctx.fast_rdmsr(rip, insn.length)   # a timer poll: the next reads stay in C
         self.ctx.write_batch(_RAX_RDX, (value & 0xFFFFFFFF, value >> 32))
         self.ctx.rip = rip + insn.length
         return N.NV_HANDLED
@@ -949,6 +967,8 @@ class Vcpu:
         if index in (M.EFER, M.IA32_APIC_BASE):
             return None   # these change hidden state or the memory map: emulated outside the run
         msrs.set_msr(self, index, (eax & 0xFFFFFFFF) | ((edx & 0xFFFFFFFF) << 32))
+        if index - A.X2APIC_MSR_BASE in _TIMER_REGS_X2APIC:
+            self._load_tmcct()
         self.ctx.rip = rip + insn.length
         return N.NV_HANDLED
 
@@ -1313,7 +1333,7 @@ class Vcpu:
             return
         for ctx in self.contexts():
             ctx.unmap(self._apic_mmio, 0x1000)
-            ctx.map_mmio(base, 0x1000, self._apic_mmio_read, self._apic_mmio_write)
+            ctx.map_apic(base, self._apic_mmio_read, self._apic_mmio_write)
             ctx.flush_tlb()
         self._apic_mmio = base
 
@@ -1325,8 +1345,9 @@ class Vcpu:
     def _apic_mmio_write(self, offset: int, size: int, value: int) -> None:
         if not self.lapic.hw_enabled or self.lapic.x2apic_mode:
             return
-        self.lapic.mmio_write(offset, size, value)
-        self.ctx.request_stop()   # an EOI, TPR or IPI can make an event deliverable now
+        self.lapic.mmio_write(offset, size, value)   # it kicks when an event became deliverable
+        if (offset & ~0xF) in _TIMER_REGS:
+            self._load_tmcct()
 
     # ---- the per-vCPU ioctls --------------------------------------------------------------
 
@@ -1696,6 +1717,10 @@ _RAX_RBX_RCX_RDX = (GPRS[0], GPRS[3], GPRS[1], GPRS[2])
 
 # one-byte software exceptions and their vectors: INT3, INTO, INT1
 _ONE_BYTE_INT = {0xCC: 3, 0xCE: 4, 0xF1: 1}
+_X2APIC_TMCCT = A.X2APIC_MSR_BASE + (A.APIC_TMCCT >> 4)   # SDM 11.12.1.2
+# the registers whose writes change the timer's countdown (TMCCT's fast path reloads)
+_TIMER_REGS = frozenset((A.APIC_LVTT, A.APIC_TMICT, A.APIC_TDCR))
+_TIMER_REGS_X2APIC = frozenset(r >> 4 for r in _TIMER_REGS)
 # events the CPU model can deliver itself (ExecContext.deliver_interrupt): no error code, no
 # instruction length, nothing of VMX/SVM event injection
 _NATIVE_KINDS = frozenset((EventKind.NMI, EventKind.EXTERNAL_INTERRUPT))
