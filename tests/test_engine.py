@@ -380,10 +380,10 @@ def test_tmcct_fast_path_matches_python_path(tmp_path, monkeypatch, body):
 
     monkeypatch.setattr(Lapic, "_read_register", counted)
     code = assemble(program(body), tmp_path)
+    set_tmcct = ExecContext.set_tmcct
     results = []
     for fast in (True, False):
         if not fast:
-            set_tmcct = ExecContext.set_tmcct
             monkeypatch.setattr(ExecContext, "set_tmcct", lambda self, where, *a: set_tmcct(self, 0, *a))
         seen["reads"] = 0
         vm, v = boot(code)
