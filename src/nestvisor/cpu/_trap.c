@@ -38,6 +38,7 @@ enum nv_action {
     NV_HANDLED = 1,      /* emulated, RIP already moved */
     NV_STOP_BEFORE = 2,  /* stop emulation before this instruction */
     NV_HANDLED_STOP = 3, /* emulated, then stop emulation */
+    NV_SKIP = 0x100,     /* | length: emulated, RIP moves past the instruction here */
 };
 
 #define NV_STI_SITE 0xFF
@@ -585,7 +586,7 @@ void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
                 uint64_t at = clock_at(t, addr);
                 int64_t v = tmcct_at(t, at);
                 if (v >= 0) {
-                    uint64_t lo = (uint64_t)v, hi = 0, rip = addr + (t->fvals[s] & ~NV_RDMSR_SITE);
+                    uint64_t lo = (uint64_t)v, hi = 0, rip = *t->eip + (t->fvals[s] & ~NV_RDMSR_SITE);
                     t->reg_write(uc, t->reg_rax, &lo);
                     t->reg_write(uc, t->reg_rdx, &hi);
                     t->reg_write(uc, t->reg_rip, &rip);
@@ -596,7 +597,7 @@ void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
         } else if (t->fkeys[s] && t->fast_tsc) {
             /* SDM RDTSC: EDX:EAX = TSC, upper halves of RAX/RDX cleared */
             uint64_t at = clock_at(t, addr), tsc = t->tsc_base + at;
-            uint64_t lo = tsc & 0xffffffffULL, hi = tsc >> 32, rip = addr + t->fvals[s];
+            uint64_t lo = tsc & 0xffffffffULL, hi = tsc >> 32, rip = *t->eip + t->fvals[s];
             t->reg_write(uc, t->reg_rax, &lo);
             t->reg_write(uc, t->reg_rdx, &hi);
             t->reg_write(uc, t->reg_rip, &rip);
@@ -605,7 +606,14 @@ void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
         }
     }
     uint64_t at = clock_at(t, addr);
-    switch (t->on_site(addr)) {
+    int r = t->on_site(addr);
+    if (r >= NV_SKIP) {
+        uint64_t rip = *t->eip + (uint64_t)(r & 0xff);
+        t->reg_write(uc, t->reg_rip, &rip);
+        retire_here(t, at);
+        return;
+    }
+    switch (r) {
     case NV_HANDLED:
         retire_here(t, at);
         return;

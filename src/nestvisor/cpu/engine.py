@@ -45,6 +45,8 @@ _GPR_INDEX = {rid: n for n, rid in enumerate(GPRS)}
 _EIP_INDEX = C.OFF_EIP // 8
 _HFLAGS_INDEX, _HFLAGS2_INDEX = C.OFF_HFLAGS // 4, C.OFF_HFLAGS2 // 4
 _CS_SELECTOR_INDEX = (C.OFF_SEGS + 24 * C.R_CS) // 4
+_CR_INDEX = C.OFF_CR // 8
+_CS_BASE_INDEX = C.OFF_CS_BASE // 8
 _PAGING_REGS = (X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4, X.UC_X86_REG_CS)
 # Instructions a translation block can hold: QEMU ends one once it spans a page less 32
 # bytes (its last instruction adds at most 15), and an instruction is at least a byte long.
@@ -159,7 +161,7 @@ class ExecContext:
         # do no more (general registers, EIP, hflags, old_exception): it is current outside a
         # run and inside a hook, where TCG has stored its globals and reloads them after.
         live = memoryview((ctypes.c_char * (C.OFF_OLD_EXCEPTION + 4)).from_address(env)).cast("B")
-        self._live_q = live[:C.OFF_EIP + 8].cast("Q")   # regs[16], eip
+        self._live_q = live[:C.OFF_CR + 5 * 8].cast("Q")   # regs[16], eip, ..., cr[0..4]
         self._live_i = live.cast("I")
         self.trap.hflags = env + C.OFF_HFLAGS
         self.trap.eflags = env + C.OFF_EFLAGS
@@ -281,6 +283,8 @@ class ExecContext:
         N.uclib.uc_reg_write(self.h, X.UC_X86_REG_MSR, ctypes.byref(self._msr))
 
     def reg_cr(self, n: int) -> int:
+        if n < 5:
+            return self._live_q[_CR_INDEX + n]   # CPUX86State.cr[n], what uc_reg_read answers
         return self.reg(_CRS[n])
 
     def set_reg_cr(self, n: int, value: int) -> None:
@@ -393,14 +397,18 @@ class ExecContext:
         self.trap.tsc_base = base & TOP
         self.trap.fast_tsc = int(fast)
 
-    def fast_rdtsc(self, linear: int, length: int) -> None:
-        """Answer the RDTSC at `linear` in the trap hook from now on (until a TLB flush)."""
-        N.traplib.nv_fast_rdtsc(self._tp, linear, length)
+    def fast_rdtsc(self, rip: int, length: int) -> None:
+        """Answer the RDTSC at `rip` in the trap hook from now on (until a TLB flush)."""
+        N.traplib.nv_fast_rdtsc(self._tp, self._linear(rip), length)
 
-    def fast_rdmsr(self, linear: int, length: int) -> None:
-        """Answer the RDMSR at `linear` in the trap hook when it reads TMCCT and the timer
+    def _linear(self, rip: int) -> int:
+        """The linear address of `rip` in the current code segment (what the hooks see)."""
+        return (self._live_q[_CS_BASE_INDEX] + rip) & TOP
+
+    def fast_rdmsr(self, rip: int, length: int) -> None:
+        """Answer the RDMSR at `rip` in the trap hook when it reads TMCCT and the timer
         counts (set_tmcct), until a TLB flush."""
-        N.traplib.nv_fast_rdmsr(self._tp, linear, length)
+        N.traplib.nv_fast_rdmsr(self._tp, self._linear(rip), length)
 
     def set_tmcct(self, where: int, clock_base: int, target: int, period: int, divisor: int) -> None:
         """Let the hooks answer TMCCT for this run (`where`: NV_TMCCT_MSR, NV_TMCCT_MMIO, or 0)
@@ -412,10 +420,10 @@ class ExecContext:
         t.tmcct_period = period
         t.tmcct_divisor = divisor
 
-    def passive_sti(self, linear: int) -> None:
-        """Run the STI at `linear` without a callback while no interrupt waits (see run's
+    def passive_sti(self, rip: int) -> None:
+        """Run the STI at `rip` without a callback while no interrupt waits (see run's
         `sti_watch`), until a TLB flush."""
-        N.traplib.nv_passive_sti(self._tp, linear)
+        N.traplib.nv_passive_sti(self._tp, self._linear(rip))
 
     def flush_tlb(self) -> None:
         """The linear->physical map changed: drop unicorn's TLB and our per-page site records."""

@@ -58,6 +58,7 @@ UC_HOOK_MEM_WRITE = 1 << 11
 
 # action codes returned by Python site callbacks (enum nv_action in _trap.c)
 NV_CONTINUE, NV_HANDLED, NV_STOP_BEFORE, NV_HANDLED_STOP = 0, 1, 2, 3
+NV_SKIP = 0x100   # | length: emulated, the hook moves RIP past the instruction
 NV_STOP_NONE, NV_STOP_BUDGET, NV_STOP_SITE, NV_STOP_RETRY = 0, 1, 2, 3
 NV_COUNT_RETRY = -2   # on_count hooked new sites in the block: translate it again
 

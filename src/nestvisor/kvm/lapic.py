@@ -548,7 +548,7 @@ class Lapic:
         disable are still held and delivered (SDM 11.4.7.2).
         """
         self._sync_timer()
-        if not self.hw_enabled:
+        if not self.irr or not self.hw_enabled:
             return None
         return self._highest_irr_for_ppr(self.get_reg(A.APIC_PROCPRI))
 

@@ -902,16 +902,15 @@ class Vcpu:
     def _cpl(self) -> int:
         return self.ctx.hflags() & 3
 
-    def _skip(self, insn: Insn) -> int:
-        self.ctx.rip = self.ctx.rip + insn.length
-        return N.NV_HANDLED
+    @staticmethod
+    def _skip(insn: Insn) -> int:
+        return N.NV_SKIP | insn.length   # the hook moves RIP past it
 
     def _cpuid(self, insn: Insn, rip: int) -> int:
         leaf, sub = self.ctx.read_batch(_RAX_RCX)
         a, b, c, d = self.cpuid_query(leaf & 0xFFFFFFFF, sub & 0xFFFFFFFF)
         self.ctx.write_batch(_RAX_RBX_RCX_RDX, (a, b, c, d))
-        self.ctx.rip = rip + insn.length
-        return N.NV_HANDLED
+        return N.NV_SKIP | insn.length
 
     def cpuid_query(self, leaf: int, sub: int) -> tuple[int, int, int, int]:
         """CPUID as this vCPU answers it (KVM kvm_cpuid), with the per-vCPU dynamic bits."""
@@ -945,8 +944,7 @@ class Vcpu:
         elif self.ctx.trap.fast_tsc:
             self.ctx.fast_rdtsc(rip, insn.length)   # the next runs of this site stay in C
         self.ctx.write_batch(_RAX_RDX, (t & 0xFFFFFFFF, t >> 32))
-        self.ctx.rip = rip + insn.length
-        return N.NV_HANDLED
+        return N.NV_SKIP | insn.length
 
     def _rdmsr(self, insn: Insn, rip: int) -> int:
         if self._cpl() > 0:
@@ -956,8 +954,7 @@ class Vcpu:
         if index == _X2APIC_TMCCT:
             self.ctx.fast_rdmsr(rip, insn.length)   # a timer poll: the next reads stay in C
         self.ctx.write_batch(_RAX_RDX, (value & 0xFFFFFFFF, value >> 32))
-        self.ctx.rip = rip + insn.length
-        return N.NV_HANDLED
+        return N.NV_SKIP | insn.length
 
     def _wrmsr(self, insn: Insn, rip: int) -> int | None:
         if self._cpl() > 0:
@@ -969,8 +966,7 @@ class Vcpu:
         msrs.set_msr(self, index, (eax & 0xFFFFFFFF) | ((edx & 0xFFFFFFFF) << 32))
         if index - A.X2APIC_MSR_BASE in _TIMER_REGS_X2APIC:
             self._load_tmcct()
-        self.ctx.rip = rip + insn.length
-        return N.NV_HANDLED
+        return N.NV_SKIP | insn.length
 
     def _mov_from_cr(self, insn: Insn, rip: int) -> int:
         if insn.crn not in (0, 2, 3, 4, 8):
@@ -1085,7 +1081,7 @@ class Vcpu:
             # the caller ends its time slices
             return N.NV_CONTINUE
         self._pause_yield = True
-        self._skip(insn)
+        self.ctx.rip = rip + insn.length
         return N.NV_HANDLED_STOP
 
     # ---- traps emulated outside the run ------------------------------------------------
