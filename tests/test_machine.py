@@ -71,6 +71,7 @@ class FakeVm:
         self.slots = []
         self.scripts = scripts
         self.vcpus = []
+        self.kicks = 0
 
     def set_user_memory_region(self, slot, gpa, size, flags=0):
         self.slots.append((slot, gpa, size))

@@ -332,6 +332,7 @@ class Vcpu:
         # An event for a vCPU that is not running came from the one that is (an IPI): the
         # sender ends its slice so the target runs next (a directed yield, as KVM's
         # kvm_vcpu_kick wakes the target at once).
+        self.vm.kicks += 1
         for other in self.vm.vcpus.values():
             if other._running:
                 other._ipi_yield = True

@@ -127,6 +127,7 @@ class Vm:
         self.vcpus: dict[int, Vcpu] = {}
         self.apic_bus = ApicBus()
         self.host_writes = 0
+        self.kicks = 0   # events one vCPU sent another that was not running (IPIs): the scheduler's hint
         # KVM_SET_NESTED_STATE maps the pages hanging off vmcs12/vmcb12 at once (True) instead
         # of at the vCPU's first run (KVM's KVM_REQ_GET_NESTED_STATE_PAGES, the default)
         self.nested_pages_at_set = False

@@ -6,9 +6,10 @@ it creates the VM through the KVM-shaped API, sets the BSP's registers to the fi
 and services KVM_EXIT_IO / KVM_EXIT_MMIO itself.
 
 Scheduling (DESIGN decision 3, determinism): time is each vCPU's virtual clock (1 instruction
-= 1 ns). The run is a sequence of rounds of QUANTUM_NS; in each round every vCPU runs, in
-vCPU-id order, until its clock reaches the round's end (KVM_EXIT_INTR) or it can go no further.
-The same kernel and options therefore always give the same interleaving.
+= 1 ns). The run is a sequence of rounds of QUANTUM_NS (shorter after an IPI, longer while
+every vCPU waits); in each round every vCPU runs, in vCPU-id order, until its clock reaches the
+round's end (KVM_EXIT_INTR) or it can go no further. The same kernel and options therefore
+always give the same interleaving.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ MiB = 1 << 20
 GiB = 1 << 30
 DEFAULT_MEMORY = 128 * MiB  # QEMU's default -m
 QUANTUM_NS = 5_000  # one scheduler round, in virtual ns (= guest instructions)
+# After a round in which one vCPU sent another an interrupt, rounds are this short, so the
+# answer (an IPI handshake, a counter the sender polls) comes back after a few hundred
+# instructions instead of a whole round of the target's. Deterministic: it depends only on
+# what the guest did.
+IPI_QUANTUM_NS = 500
 # While every vCPU only waits (halted, or spinning on PAUSE), rounds double up to this, so a
 # guest polling the TSC for a deadline costs a few rounds instead of hundreds. Any real work
 # resets the round to QUANTUM_NS. Deterministic: it depends only on what the guest did.
@@ -297,6 +303,7 @@ class Machine:
         round_end = self._clock()
         while True:
             round_end += quantum
+            kicks = self.vm.kicks
             if limit is not None:
                 round_end = min(round_end, limit)
             halted = 0
@@ -311,8 +318,12 @@ class Machine:
             if limit is not None and round_end >= limit:
                 return self._stop(0, REASON_LIMIT)
             if len(self.vcpus) > 1:
-                idle = all(getattr(v, "idle_slice", False) for v in self.vcpus)
-                quantum = min(quantum * 2, IDLE_QUANTUM_MAX_NS) if idle else QUANTUM_NS
+                if self.vm.kicks != kicks:
+                    quantum = IPI_QUANTUM_NS
+                elif all(getattr(v, "idle_slice", False) for v in self.vcpus):
+                    quantum = min(quantum * 2, IDLE_QUANTUM_MAX_NS)
+                else:
+                    quantum = QUANTUM_NS
 
     def _run_slice(self, vcpu: Any) -> MachineResult | int:
         """Run one vCPU to the end of its slice; 1 if it halted for good, 0 if its time is up."""
