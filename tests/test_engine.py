@@ -240,6 +240,50 @@ def test_site_hooks_only_where_trapped_instructions_start(tmp_path):
     assert v.stats["RDMSR"] == 2 and v.get_regs().rax & 0xFFFFFFFF != 0xF4FBE4EC
 
 
+# Gates for vectors 2 (NMI) and 31 at `seen_event`, which records the RIP the event
+# interrupted and returns to `after` (a HLT).
+_EVENT_GATES = """
+  lea idt(%rip), %rdi
+  lea seen_event(%rip), %rax
+  mov %rax, %rdx
+  shr $16, %rdx
+  mov %ax, 2*16(%rdi)
+  movw $0x18, 2*16+2(%rdi)
+  movw $0x8e00, 2*16+4(%rdi)
+  mov %edx, 2*16+6(%rdi)
+  mov %ax, 31*16(%rdi)
+  movw $0x18, 31*16+2(%rdi)
+  movw $0x8e00, 31*16+4(%rdi)
+  mov %edx, 31*16+6(%rdi)
+  jmp 2f
+seen_event:
+  mov (%rsp), %rax
+  mov %rax, %r13
+  lea after(%rip), %rax
+  mov %rax, (%rsp)
+  iretq
+after:
+  hlt
+2:
+"""
+
+
+@pytest.mark.parametrize("event", ["nmi", "interrupt"])
+def test_event_comes_before_the_fetch_fault_of_the_next_instruction(tmp_path, event):
+    # SDM 6.9: an NMI or interrupt is taken before the #PF of fetching the next instruction;
+    # RIP at an unmapped page (1 GiB, beyond the 4 MiB identity map) when the event arrives
+    vm, v = boot(assemble(program(_EVENT_GATES), tmp_path))
+    run_to_halt(v)
+    r = v.get_regs()
+    r.rip, r.rflags, r.r13 = 0x40000000, 0x202, 0
+    v.set_regs(r)
+    v.nmi() if event == "nmi" else v.interrupt(31)
+    before = v.get_sregs().cr2
+    run_to_halt(v)
+    assert v.get_regs().r13 == 0x40000000      # the event interrupted RIP, before any fetch
+    assert v.stats["exception_14"] == 0 and v.get_sregs().cr2 == before
+
+
 def test_cpuid_deterministic_clock(tmp_path):
     body = "mov $0, %eax\n  cpuid\n  rdtsc\n  shl $32, %rdx\n  or %rax, %rdx\n  mov %rdx, %r12"
     code = assemble(program(body), tmp_path)

@@ -538,23 +538,6 @@ class ExecContext:
                     break
         return stop
 
-    def deliver_interrupt(self, vector: int) -> Stop | None:
-        """Deliver an NMI (vector 2) or external interrupt through the IVT/IDT as the CPU does
-        it (QEMU's do_interrupt_x86_hardirq, run by the block hook), stopping before the
-        handler's first instruction. Stop.EXCEPTION when the delivery faulted (`exception`);
-        None, with nothing changed, when the CPU could not even fetch where it stands (that
-        fault comes after the interrupt: the caller delivers it itself)."""
-        cr2 = self.reg(X.UC_X86_REG_CR2)
-        t = self.trap
-        t.inject = vector + 1
-        stop = self.run(0)
-        if t.inject:
-            t.inject = 0
-            self.exception = None
-            self.set_reg(X.UC_X86_REG_CR2, cr2)   # a fetch #PF wrote CR2
-            return None
-        return stop
-
     def _emulate(self, count: int) -> int:
         """uc_emu_start from RIP; `count` 1 runs one instruction (unicorn's count mode)."""
         t = self.trap

@@ -225,6 +225,7 @@ class Vcpu:
         self.idle_slice = False   # the last run() only waited: halted, or spinning on PAUSE
         self._host_writes = -1
         self._vmcs_event: tuple[int, EventKind, int | None, int] | None = None
+        self._injecting: tuple[int, EventKind, int] | None = None   # vector, kind, CR2 before
         self._vmx_abort = False
         self._mov_ss_end = -1
         self.efer_svme = False   # L1's EFER.SVME (nested SVM keeps it out of the substrate)
@@ -455,9 +456,9 @@ class Vcpu:
         if self.mp_state != U.KVM_MP_STATE_RUNNABLE:
             return self._idle()
         self.lapic.update_timer(self.clock)
-        if self._vmcs_event is not None and self.clock >= self.run_until:
-            # the slice ended between a nested entry and its event: userspace sees the entry
-            # still pending (KVM's nested_run_pending, KVM_STATE_NESTED_RUN_PENDING)
+        if self.clock >= self.run_until:
+            # the slice is over: events are taken when the next one starts (a nested entry
+            # still pending its event is KVM's nested_run_pending, KVM_STATE_NESTED_RUN_PENDING)
             return Exit(U.KVM_EXIT_INTR)
         ex = self._inject_events()
         if ex is not None:
@@ -476,15 +477,16 @@ class Vcpu:
         deadline = self.next_deadline()
         if deadline is not None and deadline < limit:
             limit = deadline
-        if self.clock >= self.run_until:
-            return Exit(U.KVM_EXIT_INTR)
         budget = max(1, limit - self.clock)
         self.idle_slice = False
         ctx = self.ctx
         t = ctx.trap
         t.nmi_native = native = self._native_nmis()
+        nmi_first = None   # CR2, when the run's first block is to take an NMI
         if native and self._nmi_pending:
             t.nmi_pending, self._nmi_pending = self._nmi_pending, 0
+            if not ctx.hflags2() & HF2_NMI and not ctx.hflags() & HF_INHIBIT_IRQ:
+                nmi_first = ctx.reg_cr(2)
         if self._interrupt_pending() or self._nmi_pending:
             budget = min(budget, WINDOW_SLICE)
         hard = TOP
@@ -507,7 +509,33 @@ class Vcpu:
                 self._nmi_pending += t.nmi_pending
                 t.nmi_pending = 0
             t.nmi_native = 0
+        if t.inject:
+            return self._inject_refused()
+        if nmi_first is not None and stop == Stop.EXCEPTION and not ctx.retired and self._nmi_pending \
+                and not ctx.hflags2() & HF2_NMI:
+            return self._nmi_refused(nmi_first)
         return self._handle_stop(stop)
+
+    def _nmi_refused(self, cr2: int) -> Exit | None:
+        """As _inject_refused, for an NMI the hook was to take at the run's first block."""
+        self.ctx.exception = None
+        self.ctx.set_reg_cr(2, cr2)
+        self._nmi_pending -= 1
+        ex = self._deliver_emulated(2, EventKind.NMI, None)
+        self.ctx.patch_hflags(set2=HF2_NMI)   # SDM 6.7.1
+        return ex
+
+    def _inject_refused(self) -> Exit | None:
+        """The run meant to take an event faulted fetching its first instruction before the
+        hook could deliver it: that fault comes after the event (SDM 6.9), so the fault is
+        dropped (CR2 restored) and the event delivered in Python; the fetch faults again
+        when the handler returns."""
+        assert self._injecting is not None
+        vector, kind, cr2 = self._injecting
+        self.ctx.trap.inject = 0
+        self.ctx.exception = None
+        self.ctx.set_reg_cr(2, cr2)
+        return self._deliver_emulated(vector, kind, None)
 
     def _idle(self) -> Exit | None:
         """Halted or waiting for SIPI: let virtual time pass until something can wake us."""
@@ -574,6 +602,8 @@ class Vcpu:
         if hf & HF_INHIBIT_IRQ:
             return None
         if self.nmi_pending and not self.ctx.hflags2() & HF2_NMI:
+            if self._native_nmis():
+                return None   # the run's first block takes it (nv_block_hook), before any interrupt
             self.nmi_pending -= 1
             ex = self._deliver(2, EventKind.NMI, None)
             # SDM 6.7.1: NMIs are blocked until the next IRET (which clears this natively)
@@ -646,16 +676,21 @@ class Vcpu:
                  cr2: int | None = None) -> Exit | None:
         nested = self.nested
         if kind in _NATIVE_KINDS and self.ctx.tdp is None and (nested is None or not nested.guest_mode):
-            # an NMI or interrupt outside guest mode: the CPU model delivers it (what an
-            # interrupt costs decides how fast IPIs go)
-            stop = self.ctx.deliver_interrupt(vector)
-            if stop is not None:
-                self.stats[f"deliver_{vector}"] += 1
-                if self.mp_state == U.KVM_MP_STATE_HALTED:
-                    self.mp_state = U.KVM_MP_STATE_RUNNABLE
-                if stop == Stop.EXCEPTION:
-                    return self._handle_exception()   # SDM 6.15 Table 6-5: then the fault
-                return None
+            # an NMI or interrupt outside guest mode: the CPU model delivers it at the first
+            # block of the run _step starts next (nv_block_hook; what an interrupt costs
+            # decides how fast IPIs go); a fault while delivering ends that run
+            self.ctx.trap.inject = vector + 1
+            self._injecting = (vector, kind, self.ctx.reg_cr(2))
+            self.stats[f"deliver_{vector}"] += 1
+            if self.mp_state == U.KVM_MP_STATE_HALTED:
+                self.mp_state = U.KVM_MP_STATE_RUNNABLE
+            return None
+        return self._deliver_emulated(vector, kind, error_code, insn_len, cr2)
+
+    def _deliver_emulated(self, vector: int, kind: EventKind, error_code: int | None, insn_len: int = 0,
+                          cr2: int | None = None) -> Exit | None:
+        """Deliver an event through the IVT/IDT in Python (delivery.py): exceptions, software
+        interrupts, event injection, and anything in guest mode."""
         st = self.ctx.get_state()
         if cr2 is not None:
             st.cr2 = cr2   # SDM 4.7: #PF loads CR2 with the faulting linear address
