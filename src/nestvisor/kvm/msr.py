@@ -181,8 +181,10 @@ def _apic_base_write(v: Vcpu, value: int, host: bool) -> None:
     v.lapic.set_apic_base(value, host_initiated=host)
 
 
-def _x2apic_read(index: int) -> Callable[[Vcpu], int]:
-    return lambda v: v.lapic.msr_read(index)
+def _x2apic_row(index: int) -> MsrRow:
+    """An x2APIC register (the LAPIC refuses it outside x2APIC mode, KVM kvm_x2apic_msr_*)."""
+    return MsrRow(f"X2APIC_{index:#x}", lambda v: v.lapic.msr_read(index),
+                  lambda v, x, h: v.lapic.msr_write(index, x))
 
 
 def _vmx_cap_read(index: int) -> Callable[[Vcpu], int]:
@@ -246,11 +248,14 @@ def _build_table() -> dict[int, MsrRow]:
 
 
 MSR_TABLE: dict[int, MsrRow] = _build_table()
+# not in KVM_GET_MSR_INDEX_LIST (KVM saves the LAPIC with KVM_GET_LAPIC)
+X2APIC_TABLE: dict[int, MsrRow] = {i: _x2apic_row(i) for i in range(M.X2APIC_FIRST, M.X2APIC_LAST + 1)}
 
 
 def _row(v: Vcpu, index: int) -> MsrRow:
-    if M.X2APIC_FIRST <= index <= M.X2APIC_LAST:
-        return MsrRow(f"X2APIC_{index:#x}", _x2apic_read(index), lambda vv, x, h: vv.lapic.msr_write(index, x))
+    row = X2APIC_TABLE.get(index)
+    if row is not None:
+        return row
     row = MSR_TABLE.get(index)
     if row is None or (row.feature is not None and not v.profile.has(row.feature)):
         raise gp()
