@@ -43,13 +43,14 @@ enum nv_action {
 
 #define NV_STI_SITE 0xFF
 #define NV_RDMSR_SITE 0x80   /* | the instruction's length */
+#define NV_PAUSE_SITE 0x40   /* | the instruction's length */
 
 #define MSR_X2APIC_TMCCT 0x839
 #define APIC_TMCCT 0x390
 #define NV_TMCCT_MSR 1    /* fast_tmcct bits: answer RDMSR 0x839 (x2APIC mode) */
 #define NV_TMCCT_MMIO 2   /* answer a 32-bit read of the xAPIC page at 0x390 */
 
-enum nv_stop { NV_STOP_NONE = 0, NV_STOP_BUDGET = 1, NV_STOP_SITE = 2, NV_STOP_RETRY = 3 };
+enum nv_stop { NV_STOP_NONE = 0, NV_STOP_BUDGET = 1, NV_STOP_SITE = 2, NV_STOP_RETRY = 3, NV_STOP_PAUSE = 4 };
 
 /* on_count's answer when it hooked trap sites in the block: the block, translated without
  * them, must be translated again */
@@ -147,6 +148,10 @@ struct nv_trap {
     uint64_t tmcct_divisor;
     uint64_t *regs;   /* CPUX86State.regs: ECX says which MSR */
     nv_py_mmio_read_fn apic_read;   /* every other read of the xAPIC page */
+    /* PAUSE at sites Python registered with nv_fast_pause, while pause_yield is set (other
+     * vCPUs to yield to, no L1 to intercept it): retired here, and the run stops
+     * (NV_STOP_PAUSE) so the vCPU gives up its slice */
+    uint32_t pause_yield;
     /* private */
     uint64_t last_page;
     uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
@@ -319,6 +324,12 @@ void nv_fast_rdtsc(struct nv_trap *t, uint64_t addr, uint32_t len)
 void nv_fast_rdmsr(struct nv_trap *t, uint64_t addr, uint32_t len)
 {
     put_native(t, addr, (uint8_t)(NV_RDMSR_SITE | len));
+}
+
+/* Retire the PAUSE at this linear address here and stop (see pause_yield). */
+void nv_fast_pause(struct nv_trap *t, uint64_t addr, uint32_t len)
+{
+    put_native(t, addr, (uint8_t)(NV_PAUSE_SITE | len));
 }
 
 /* Let the STI at this linear address run without a callback while sti_watch is clear. */
@@ -593,6 +604,14 @@ void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
                     retire_here(t, at);
                     return;
                 }
+            }
+        } else if (t->fkeys[s] && (t->fvals[s] & NV_PAUSE_SITE)) {
+            if (t->pause_yield) {
+                uint64_t at = clock_at(t, addr), rip = *t->eip + (t->fvals[s] & ~NV_PAUSE_SITE);
+                t->reg_write(uc, t->reg_rip, &rip);
+                retire_here(t, at);
+                stop(uc, t, NV_STOP_PAUSE);
+                return;
             }
         } else if (t->fkeys[s] && t->fast_tsc) {
             /* SDM RDTSC: EDX:EAX = TSC, upper halves of RAX/RDX cleared */

@@ -62,6 +62,7 @@ class Stop(IntEnum):
     UNMAPPED = 4    # access to guest-physical memory nothing backs: see `unmapped`
     HALTED = 5      # a HLT ran natively (only if a site was missed)
     TDP = 6         # L2 under EPT/NPT: an access the second level refused, see `tlb_fault`
+    PAUSE = 7       # a PAUSE retired at a fast site while `pause_yield` (fast_pause)
 
 
 @dataclass(slots=True)
@@ -420,6 +421,11 @@ class ExecContext:
         t.tmcct_period = period
         t.tmcct_divisor = divisor
 
+    def fast_pause(self, rip: int, length: int) -> None:
+        """Retire the PAUSE at `rip` in the trap hook and stop the run (Stop.PAUSE) while the
+        trap's `pause_yield` is set, until a TLB flush."""
+        N.traplib.nv_fast_pause(self._tp, self._linear(rip), length)
+
     def passive_sti(self, rip: int) -> None:
         """Run the STI at `rip` without a callback while no interrupt waits (see run's
         `sti_watch`), until a TLB flush."""
@@ -598,6 +604,8 @@ class ExecContext:
             return Stop.UNMAPPED
         if self.trap.stop_reason == N.NV_STOP_SITE:
             return Stop.TRAP
+        if self.trap.stop_reason == N.NV_STOP_PAUSE:
+            return Stop.PAUSE
         if self.trap.stop_reason == N.NV_STOP_BUDGET:
             return Stop.BUDGET
         if err:

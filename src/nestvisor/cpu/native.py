@@ -59,7 +59,7 @@ UC_HOOK_MEM_WRITE = 1 << 11
 # action codes returned by Python site callbacks (enum nv_action in _trap.c)
 NV_CONTINUE, NV_HANDLED, NV_STOP_BEFORE, NV_HANDLED_STOP = 0, 1, 2, 3
 NV_SKIP = 0x100   # | length: emulated, the hook moves RIP past the instruction
-NV_STOP_NONE, NV_STOP_BUDGET, NV_STOP_SITE, NV_STOP_RETRY = 0, 1, 2, 3
+NV_STOP_NONE, NV_STOP_BUDGET, NV_STOP_SITE, NV_STOP_RETRY, NV_STOP_PAUSE = 0, 1, 2, 3, 4
 NV_COUNT_RETRY = -2   # on_count hooked new sites in the block: translate it again
 
 PAGE_CB = ctypes.CFUNCTYPE(ctypes.c_int, c_u64)
@@ -117,6 +117,7 @@ class NvTrap(ctypes.Structure):
         ("tmcct_divisor", c_u64),
         ("regs", c_p),
         ("apic_read", c_p),
+        ("pause_yield", ctypes.c_uint32),
     ]
 
 
@@ -139,6 +140,7 @@ traplib.nv_flush.argtypes = [c_p]
 traplib.nv_fast_rdtsc.argtypes = [c_p, c_u64, ctypes.c_uint32]
 traplib.nv_passive_sti.argtypes = [c_p, c_u64]
 traplib.nv_fast_rdmsr.argtypes = [c_p, c_u64, ctypes.c_uint32]
+traplib.nv_fast_pause.argtypes = [c_p, c_u64, ctypes.c_uint32]
 traplib.nv_set_page.argtypes = [c_p, c_u64]
 traplib.nv_drop_page.argtypes = [c_p, c_u64]
 traplib.nv_mark_scanned.argtypes = [c_p, c_u64]

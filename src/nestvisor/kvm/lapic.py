@@ -692,7 +692,7 @@ class Lapic:
         """The one-shot or periodic timer while it is armed: (target ns, period ns, ns per
         TMCCT tick), from which TMCCT at any clock before the target is _get_tmcct's
         min(target - now, period) // ns per tick. None when TMCCT is not such a countdown."""
-        if self.timer_mode == A.APIC_LVT_TIMER_TSCDEADLINE or self._target is None or not self._period \
+        if self._target is None or self.timer_mode == A.APIC_LVT_TIMER_TSCDEADLINE or not self._period \
                 or not self.get_reg(A.APIC_TMICT):
             return None
         return self._target, self._period, A.APIC_BUS_CYCLE_NS * self.divide_count

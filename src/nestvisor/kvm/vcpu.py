@@ -321,7 +321,9 @@ class Vcpu:
         outside_guest = self.ctx.tdp is None and (nested is None or not nested.guest_mode)
         countdown = lapic.countdown() if outside_guest and lapic.hw_enabled else None
         if countdown is None:
-            self.ctx.trap.fast_tmcct = 0
+            t = self.ctx.trap
+            if t.fast_tmcct:
+                t.fast_tmcct = 0
             return
         where = N.NV_TMCCT_MSR if lapic.x2apic_mode else N.NV_TMCCT_MMIO
         self.ctx.set_tmcct(where, self.clock, *countdown)
@@ -482,12 +484,14 @@ class Vcpu:
         ctx = self.ctx
         t = ctx.trap
         t.nmi_native = native = self._native_nmis()
+        t.pause_yield = len(self.vm.vcpus) > 1 and (nested is None or not nested.guest_mode)
         nmi_first = None   # CR2, when the run's first block is to take an NMI
         if native and self._nmi_pending:
             t.nmi_pending, self._nmi_pending = self._nmi_pending, 0
             if not ctx.hflags2() & HF2_NMI and not ctx.hflags() & HF_INHIBIT_IRQ:
                 nmi_first = ctx.reg_cr(2)
-        if self._interrupt_pending() or self._nmi_pending:
+        irq = self._interrupt_pending()
+        if irq or self._nmi_pending:
             budget = min(budget, WINDOW_SLICE)
         hard = TOP
         if nested is not None and nested.preemption_deadline is not None and nested.preemption_deadline > self.clock:
@@ -495,7 +499,7 @@ class Vcpu:
             hard = nested.preemption_deadline - self.clock
         self._load_tsc()
         self._load_tmcct()
-        t.sti_watch = self._sti_watch()
+        t.sti_watch = irq or self._sti_watch_nested()
         self._running = True
         try:
             stop = ctx.run(budget, hard)
@@ -718,7 +722,21 @@ class Vcpu:
             self.mp_state = U.KVM_MP_STATE_RUNNABLE
         return None
 
+    def _pause_exit(self) -> Exit | None:
+        """Pause-loop exit: the spinning vCPU gives up the rest of its slice; its time still
+        passes (KVM handle_pause -> kvm_vcpu_on_spin), up to the next timer."""
+        deadline = self.next_deadline()
+        if deadline is not None and deadline < self.run_until:
+            self.clock = max(self.clock, deadline)   # the timer fires within this slice
+            return None
+        self.clock = max(self.clock, self.run_until)
+        self.idle_slice = True
+        return Exit(U.KVM_EXIT_INTR)
+
     def _handle_stop(self, stop: Stop) -> Exit | None:
+        if stop == Stop.PAUSE:
+            self.stats["PAUSE"] += 1
+            return self._pause_exit()
         if stop == Stop.BUDGET:
             if self._ipi_yield:
                 self._ipi_yield = False
@@ -732,16 +750,8 @@ class Vcpu:
                 nested.vmexit(e)
                 return None
             if self._pause_yield:
-                # pause-loop exit: the spinning vCPU gives up the rest of its slice; its time
-                # still passes (KVM handle_pause -> kvm_vcpu_on_spin), up to the next timer
                 self._pause_yield = False
-                deadline = self.next_deadline()
-                if deadline is not None and deadline < self.run_until:
-                    self.clock = max(self.clock, deadline)   # the timer fires within this slice
-                    return None
-                self.clock = max(self.clock, self.run_until)
-                self.idle_slice = True
-                return Exit(U.KVM_EXIT_INTR)
+                return self._pause_exit()
             insn, self._outside = self._outside, None
             if insn is None:
                 return None
@@ -1097,9 +1107,11 @@ class Vcpu:
     def _sti_watch(self) -> bool:
         """Whether an STI must be emulated: an interrupt waits, or L1 wants interrupt-window
         exits from L2."""
+        return self._interrupt_pending() or self._sti_watch_nested()
+
+    def _sti_watch_nested(self) -> bool:
         nested = self.nested
-        return self._interrupt_pending() or (nested is not None and nested.guest_mode
-                                             and (nested.intr_window_exiting() or nested.virq_pending()))
+        return nested is not None and nested.guest_mode and (nested.intr_window_exiting() or nested.virq_pending())
 
     def _mov_ss(self, insn: Insn, rip: int) -> int:
         # The substrate keeps one interrupt-shadow flag; where a MOV SS shadow ends is noted
@@ -1117,6 +1129,7 @@ class Vcpu:
             # the caller ends its time slices
             return N.NV_CONTINUE
         self._pause_yield = True
+        self.ctx.fast_pause(rip, insn.length)   # the next ones stop the run from C
         self.ctx.rip = rip + insn.length
         return N.NV_HANDLED_STOP
 
