@@ -240,6 +240,80 @@ def test_site_hooks_only_where_trapped_instructions_start(tmp_path):
     assert v.stats["RDMSR"] == 2 and v.get_regs().rax & 0xFFFFFFFF != 0xF4FBE4EC
 
 
+# x2APIC self-NMIs through the ICR: one whose handler sends three more while NMIs are
+# blocked (one stays pending, KVM process_nmi), then 300 x (physical to its own ID, self
+# shorthand). r14 counts NMIs, r15 is the ICR read back.
+_SELF_NMIS = """
+  mov $0x1b, %ecx
+  rdmsr
+  or $0xc00, %eax
+  wrmsr
+  lea idt(%rip), %rdi
+  lea nmi_handler(%rip), %rax
+  mov %rax, %rdx
+  shr $16, %rdx
+  mov %ax, 2*16(%rdi)
+  movw $0x18, 2*16+2(%rdi)
+  movw $0x8e00, 2*16+4(%rdi)
+  mov %edx, 2*16+6(%rdi)
+  xor %r14, %r14
+  mov $0x830, %ecx
+  xor %edx, %edx
+  mov $0x40400, %eax
+  wrmsr
+  mov $300, %esi
+1: mov $0x400, %eax
+  wrmsr
+  mov $0x40400, %eax
+  wrmsr
+  dec %esi
+  jnz 1b
+  rdmsr
+  mov %rax, %r15
+  jmp 2f
+nmi_handler:
+  inc %r14
+  cmp $1, %r14
+  jne 3f
+  push %rax
+  mov $0x40400, %eax
+  wrmsr
+  wrmsr
+  wrmsr
+  pop %rax
+3: iretq
+2:
+"""
+
+
+def test_x2apic_self_nmi_fast_path_matches_python_path(tmp_path, monkeypatch):
+    # KVM's fastpath for ICR writes: self-NMIs taken in the hook, the ICR synced back
+    from nestvisor.cpu.engine import ExecContext
+    from nestvisor.kvm.lapic import Lapic
+    writes = {"n": 0}
+    msr_write = Lapic.msr_write
+
+    def counted(self, msr, value):
+        writes["n"] += msr == 0x830
+        return msr_write(self, msr, value)
+
+    monkeypatch.setattr(Lapic, "msr_write", counted)
+    code = assemble(program(_SELF_NMIS), tmp_path)
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(ExecContext, "fast_wrmsr", lambda self, rip, length: None)
+        writes["n"] = 0
+        vm, v = boot(code)
+        run_to_halt(v)
+        r = v.get_regs()
+        results.append((r.r14, r.r15, v.clock, v.stats["WRMSR"], v.stats["deliver_2"], writes["n"]))
+    fast, slow = results
+    assert fast[:5] == slow[:5]
+    assert slow[0] == 2 + 600 and slow[1] == 0x40400   # the burst gave 2, the loop 600
+    assert slow[5] == 604 and fast[5] < 10     # Python's LAPIC saw the ICR writes only without the fast path
+
+
 # Gates for vectors 2 (NMI) and 31 at `seen_event`, which records the RIP the event
 # interrupted and returns to `after` (a HLT).
 _EVENT_GATES = """

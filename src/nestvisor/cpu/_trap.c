@@ -44,6 +44,17 @@ enum nv_action {
 #define NV_STI_SITE 0xFF
 #define NV_RDMSR_SITE 0x80   /* | the instruction's length */
 #define NV_PAUSE_SITE 0x40   /* | the instruction's length */
+#define NV_WRMSR_SITE 0x20   /* | the instruction's length */
+
+/* x2APIC ICR (SDM 11.12.9, KVM X2APIC_ICR_RESERVED_BITS) */
+#define MSR_X2APIC_ICR 0x830
+#define ICR_RESERVED ((0xFFFu << 20) | (0x3u << 16) | (1u << 13))
+#define ICR_BUSY 0x1000u
+#define ICR_MODE_MASK 0x700u
+#define ICR_DM_NMI 0x400u
+#define ICR_DEST_LOGICAL 0x800u
+#define ICR_SHORT_MASK 0xC0000u
+#define ICR_DEST_SELF 0x40000u
 
 #define MSR_X2APIC_TMCCT 0x839
 #define APIC_TMCCT 0x390
@@ -152,6 +163,17 @@ struct nv_trap {
      * vCPUs to yield to, no L1 to intercept it): retired here, and the run stops
      * (NV_STOP_PAUSE) so the vCPU gives up its slice */
     uint32_t pause_yield;
+    /* An x2APIC ICR write that sends this vCPU an NMI, at WRMSR sites Python registered with
+     * nv_fast_wrmsr (KVM's handle_fastpath_set_x2apic_icr_irqoff): taken here while
+     * icr_self_nmi is set (every APIC in x2APIC mode, NMIs taken by the hook) and the clock
+     * is before lapic_quiet_until (no timer event the LAPIC would catch up first). The ICR
+     * value waits in icr_value (icr_written) for Python's LAPIC; icr_fast counts them. */
+    uint32_t icr_self_nmi;
+    uint32_t x2apic_id;
+    uint64_t lapic_quiet_until;
+    uint64_t icr_value;
+    uint32_t icr_written;
+    uint32_t icr_fast;
     /* private */
     uint64_t last_page;
     uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
@@ -324,6 +346,24 @@ void nv_fast_rdtsc(struct nv_trap *t, uint64_t addr, uint32_t len)
 void nv_fast_rdmsr(struct nv_trap *t, uint64_t addr, uint32_t len)
 {
     put_native(t, addr, (uint8_t)(NV_RDMSR_SITE | len));
+}
+
+/* Take the x2APIC ICR writes of the WRMSR at this linear address here (see icr_self_nmi). */
+void nv_fast_wrmsr(struct nv_trap *t, uint64_t addr, uint32_t len)
+{
+    put_native(t, addr, (uint8_t)(NV_WRMSR_SITE | len));
+}
+
+/* Whether WRMSR's EDX:EAX is an ICR value Python's LAPIC would turn into exactly one NMI for
+ * this vCPU (KVM kvm_x2apic_icr_write -> kvm_apic_send_ipi, physical or self). */
+static bool icr_self_nmi(const struct nv_trap *t, uint64_t value)
+{
+    uint32_t lo = (uint32_t)value, dest = (uint32_t)(value >> 32);
+    if ((lo & ICR_RESERVED) || (lo & ICR_MODE_MASK) != ICR_DM_NMI)
+        return false;
+    if ((lo & ICR_SHORT_MASK) == ICR_DEST_SELF)
+        return true;
+    return (lo & ICR_SHORT_MASK) == 0 && !(lo & ICR_DEST_LOGICAL) && dest == t->x2apic_id;
 }
 
 /* Retire the PAUSE at this linear address here and stop (see pause_yield). */
@@ -600,6 +640,24 @@ void nv_site_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
                     uint64_t lo = (uint64_t)v, hi = 0, rip = *t->eip + (t->fvals[s] & ~NV_RDMSR_SITE);
                     t->reg_write(uc, t->reg_rax, &lo);
                     t->reg_write(uc, t->reg_rdx, &hi);
+                    t->reg_write(uc, t->reg_rip, &rip);
+                    retire_here(t, at);
+                    return;
+                }
+            }
+        } else if (t->fkeys[s] && (t->fvals[s] & NV_WRMSR_SITE)) {
+            /* SDM WRMSR: #GP at CPL > 0, which Python raises */
+            if (t->icr_self_nmi && t->nmi_native && (uint32_t)t->regs[1] == MSR_X2APIC_ICR && !(*t->hflags & 3)) {
+                uint64_t value = (t->regs[0] & 0xffffffffULL) | (t->regs[2] << 32);
+                uint64_t at = clock_at(t, addr);
+                if (icr_self_nmi(t, value) && t->clock_base + at < t->lapic_quiet_until) {
+                    /* KVM process_nmi: two NMIs may be pending, one while an NMI is handled */
+                    uint32_t limit = (*t->hflags2 & t->hf2_nmi) ? 1 : 2;
+                    t->nmi_pending = t->nmi_pending + 1 < limit ? t->nmi_pending + 1 : limit;
+                    t->icr_value = value & ~(uint64_t)ICR_BUSY;
+                    t->icr_written = 1;
+                    t->icr_fast++;
+                    uint64_t rip = *t->eip + (t->fvals[s] & ~NV_WRMSR_SITE);
                     t->reg_write(uc, t->reg_rip, &rip);
                     retire_here(t, at);
                     return;

@@ -421,6 +421,11 @@ class ExecContext:
         t.tmcct_period = period
         t.tmcct_divisor = divisor
 
+    def fast_wrmsr(self, rip: int, length: int) -> None:
+        """Take the x2APIC ICR writes of the WRMSR at `rip` that send this vCPU an NMI in the
+        trap hook while the trap's `icr_self_nmi` is set, until a TLB flush."""
+        N.traplib.nv_fast_wrmsr(self._tp, self._linear(rip), length)
+
     def fast_pause(self, rip: int, length: int) -> None:
         """Retire the PAUSE at `rip` in the trap hook and stop the run (Stop.PAUSE) while the
         trap's `pause_yield` is set, until a TLB flush."""

@@ -118,6 +118,12 @@ class NvTrap(ctypes.Structure):
         ("regs", c_p),
         ("apic_read", c_p),
         ("pause_yield", ctypes.c_uint32),
+        ("icr_self_nmi", ctypes.c_uint32),
+        ("x2apic_id", ctypes.c_uint32),
+        ("lapic_quiet_until", c_u64),
+        ("icr_value", c_u64),
+        ("icr_written", ctypes.c_uint32),
+        ("icr_fast", ctypes.c_uint32),
     ]
 
 
@@ -141,6 +147,7 @@ traplib.nv_fast_rdtsc.argtypes = [c_p, c_u64, ctypes.c_uint32]
 traplib.nv_passive_sti.argtypes = [c_p, c_u64]
 traplib.nv_fast_rdmsr.argtypes = [c_p, c_u64, ctypes.c_uint32]
 traplib.nv_fast_pause.argtypes = [c_p, c_u64, ctypes.c_uint32]
+traplib.nv_fast_wrmsr.argtypes = [c_p, c_u64, ctypes.c_uint32]
 traplib.nv_set_page.argtypes = [c_p, c_u64]
 traplib.nv_drop_page.argtypes = [c_p, c_u64]
 traplib.nv_mark_scanned.argtypes = [c_p, c_u64]

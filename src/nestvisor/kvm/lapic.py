@@ -294,6 +294,7 @@ class Lapic:
         """KVM __kvm_apic_set_base, plus the SDM's reset of the APIC when EN goes 1 -> 0."""
         old = self.apic_base
         self.apic_base = value
+        self.bus.modes_changed += 1
         changed = old ^ value
         if changed & A.MSR_IA32_APICBASE_ENABLE:
             if value & A.MSR_IA32_APICBASE_ENABLE:
@@ -718,6 +719,17 @@ class Lapic:
         # KVM start_sw_tscdeadline: a deadline already passed fires now.
         self.update_timer(self.host.now())
 
+    def expiry(self) -> int | None:
+        """Virtual ns of the next timer expiry, whatever it would deliver: until then no
+        access catches the timer up."""
+        return self._expiry()
+
+    def set_icr(self, value: int) -> None:
+        """The x2APIC ICR as a WRMSR the vCPU's hook took left it (KVM kvm_x2apic_icr_write:
+        BUSY cleared), the IPI already sent."""
+        self._set_reg(A.APIC_ICR, value & _MASK32)
+        self._set_reg(A.APIC_ICR2, value >> 32)
+
     def _expiry(self) -> int | None:
         """Virtual ns of the next timer expiry, whatever it would deliver."""
         if self.timer_mode == A.APIC_LVT_TIMER_TSCDEADLINE:
@@ -843,10 +855,22 @@ class ApicBus:
     def __init__(self) -> None:
         self.lapics: list[Lapic] = []
         self.eoi_listeners: list[Callable[[Lapic, int, bool], None]] = []
+        self.modes_changed = 0   # bumped by every IA32_APIC_BASE change (all_x2apic's cache)
+        self._all_x2apic: tuple[int, bool] = (-1, False)
+
+    def all_x2apic(self) -> bool:
+        """Every enabled APIC is in x2APIC mode (KVM's apic map is then x2APIC-only, so a
+        physical x2APIC ID names one APIC)."""
+        version, value = self._all_x2apic
+        if version != self.modes_changed:
+            value = all(lapic.x2apic_mode or not lapic.hw_enabled for lapic in self.lapics)
+            self._all_x2apic = (self.modes_changed, value)
+        return value
 
     def attach(self, lapic: Lapic) -> None:
         """Add a vCPU's Lapic (in vCPU creation order, KVM's kvm_for_each_vcpu order)."""
         self.lapics.append(lapic)
+        self.modes_changed += 1
 
     def notify_eoi(self, lapic: Lapic, vector: int, level: bool) -> None:
         """Forward an EOI to the listeners (IOAPIC remote-IRR)."""

@@ -312,21 +312,38 @@ class Vcpu:
             fast = fast and not nested.rdtsc_exiting()
         self.ctx.set_tsc(base, fast)
 
-    def _load_tmcct(self) -> None:
-        """Let the hooks answer TMCCT while the APIC timer counts down in the run that starts
-        or goes on (a guest polling it for a deadline reads it a million times): not in guest
-        mode, where L1 may intercept the MSR or map the page elsewhere."""
+    def _load_lapic(self) -> None:
+        """What the hooks may answer for the LAPIC in the run that starts or goes on, outside
+        guest mode (where L1 may intercept the MSRs or map the page elsewhere): TMCCT while
+        the timer counts down (a guest polling it for a deadline reads it a million times),
+        and x2APIC ICR writes that send this vCPU an NMI (KVM's fastpath for ICR writes)
+        while every APIC is in x2APIC mode and no timer event is due."""
         lapic = self.lapic
         nested = self.nested
-        outside_guest = self.ctx.tdp is None and (nested is None or not nested.guest_mode)
-        countdown = lapic.countdown() if outside_guest and lapic.hw_enabled else None
-        if countdown is None:
-            t = self.ctx.trap
-            if t.fast_tmcct:
-                t.fast_tmcct = 0
+        t = self.ctx.trap
+        t.clock_base = self.clock
+        if self.ctx.tdp is not None or nested is not None and nested.guest_mode or not lapic.hw_enabled:
+            t.fast_tmcct = t.icr_self_nmi = 0
             return
-        where = N.NV_TMCCT_MSR if lapic.x2apic_mode else N.NV_TMCCT_MMIO
-        self.ctx.set_tmcct(where, self.clock, *countdown)
+        countdown = lapic.countdown()
+        if countdown is None:
+            t.fast_tmcct = 0
+        else:
+            self.ctx.set_tmcct(N.NV_TMCCT_MSR if lapic.x2apic_mode else N.NV_TMCCT_MMIO, self.clock, *countdown)
+        if lapic.x2apic_mode and self.vm.apic_bus.all_x2apic():
+            expiry = lapic.expiry()
+            t.lapic_quiet_until = TOP if expiry is None else max(expiry, 0)
+            t.x2apic_id = lapic.x2apic_id
+            t.icr_self_nmi = 1
+        else:
+            t.icr_self_nmi = 0
+
+    def _sync_icr(self) -> None:
+        """The ICR value the hook took (icr_self_nmi) into the LAPIC's registers."""
+        t = self.ctx.trap
+        if t.icr_written:
+            t.icr_written = 0
+            self.lapic.set_icr(t.icr_value)
 
     def kick(self) -> None:
         if self._running:
@@ -498,7 +515,7 @@ class Vcpu:
             # SDM 26.5.1.3: the timer's VM exit comes before any instruction retires after it reaches 0
             hard = nested.preemption_deadline - self.clock
         self._load_tsc()
-        self._load_tmcct()
+        self._load_lapic()
         t.sti_watch = irq or self._sti_watch_nested()
         self._running = True
         try:
@@ -513,6 +530,10 @@ class Vcpu:
                 self._nmi_pending += t.nmi_pending
                 t.nmi_pending = 0
             t.nmi_native = 0
+            self._sync_icr()
+            if t.icr_fast:
+                self.stats["WRMSR"] += t.icr_fast
+                t.icr_fast = 0
         if t.inject:
             return self._inject_refused()
         if nmi_first is not None and stop == Stop.EXCEPTION and not ctx.retired and self._nmi_pending \
@@ -870,6 +891,7 @@ class Vcpu:
 
     def on_trap(self, insn: Insn, rip: int) -> int:
         """Called from the trap hook, inside emulation, at a trapped instruction."""
+        self._sync_icr()
         if insn.op in VMX_OPS:
             return self._vmx_trap(insn)
         if insn.op in SVM_OPS:
@@ -1010,8 +1032,10 @@ class Vcpu:
         if index in (M.EFER, M.IA32_APIC_BASE):
             return None   # these change hidden state or the memory map: emulated outside the run
         msrs.set_msr(self, index, (eax & 0xFFFFFFFF) | ((edx & 0xFFFFFFFF) << 32))
-        if index - A.X2APIC_MSR_BASE in _TIMER_REGS_X2APIC:
-            self._load_tmcct()
+        if index == _X2APIC_ICR:
+            self.ctx.fast_wrmsr(rip, insn.length)   # an IPI sender: self-NMIs stay in C
+        elif index in _TIMER_MSRS:
+            self._load_lapic()
         return N.NV_SKIP | insn.length
 
     def _mov_from_cr(self, insn: Insn, rip: int) -> int:
@@ -1392,7 +1416,7 @@ class Vcpu:
             return
         self.lapic.mmio_write(offset, size, value)   # it kicks when an event became deliverable
         if (offset & ~0xF) in _TIMER_REGS:
-            self._load_tmcct()
+            self._load_lapic()
 
     # ---- the per-vCPU ioctls --------------------------------------------------------------
 
@@ -1763,9 +1787,11 @@ _RAX_RBX_RCX_RDX = (GPRS[0], GPRS[3], GPRS[1], GPRS[2])
 # one-byte software exceptions and their vectors: INT3, INTO, INT1
 _ONE_BYTE_INT = {0xCC: 3, 0xCE: 4, 0xF1: 1}
 _X2APIC_TMCCT = A.X2APIC_MSR_BASE + (A.APIC_TMCCT >> 4)   # SDM 11.12.1.2
-# the registers whose writes change the timer's countdown (TMCCT's fast path reloads)
+_X2APIC_ICR = A.X2APIC_MSR_BASE + (A.APIC_ICR >> 4)
+# the registers and MSRs whose writes move the timer (the hooks' LAPIC answers reload)
 _TIMER_REGS = frozenset((A.APIC_LVTT, A.APIC_TMICT, A.APIC_TDCR))
-_TIMER_REGS_X2APIC = frozenset(r >> 4 for r in _TIMER_REGS)
+_TIMER_MSRS = frozenset([A.X2APIC_MSR_BASE + (r >> 4) for r in _TIMER_REGS]
+                        + [M.IA32_TSC, M.IA32_TSC_ADJUST, M.IA32_TSC_DEADLINE])
 # events the CPU model can deliver itself (ExecContext.deliver_interrupt): no error code, no
 # instruction length, nothing of VMX/SVM event injection
 _NATIVE_KINDS = frozenset((EventKind.NMI, EventKind.EXTERNAL_INTERRUPT))
