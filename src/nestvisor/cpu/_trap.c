@@ -77,6 +77,8 @@ typedef void (*nv_raise_fn)(void *env, int vector, int error_code);
 typedef bool (*nv_restore_fn)(void *cpu, uintptr_t host_pc, bool will_exit);
 typedef void (*nv_interrupt_fn)(void *env, int vector, int is_hw);
 typedef uint64_t (*nv_py_mmio_read_fn)(uint64_t offset, uint32_t size);
+typedef int (*nv_emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
+typedef int (*nv_ctl_fn)(void *uc, int control, ...);
 
 #define NV_RECHECK_MAX 64
 
@@ -174,6 +176,12 @@ struct nv_trap {
     uint64_t icr_value;
     uint32_t icr_written;
     uint32_t icr_fast;
+    /* nv_run: unicorn's uc_emu_start and uc_ctl (the TB_FLUSH code), and QEMU's
+     * env->old_exception */
+    nv_emu_start_fn emu_start;
+    nv_ctl_fn ctl;
+    int32_t ctl_tb_flush;
+    int32_t *old_exception;
     /* private */
     uint64_t last_page;
     uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
@@ -502,6 +510,30 @@ uint64_t nv_retired(struct nv_trap *t)
     t->icount = nv_clock(t);
     t->block = NULL;
     return t->icount;
+}
+
+/* One run from EIP: at most about `budget` instructions, never a block past `limit`; the
+ * whole translation cache is dropped and the run goes on when a hook hooked new sites in code
+ * already translated (NV_STOP_RETRY). Every start has no exception in flight: QEMU's
+ * check_exception escalates from env->old_exception, which only do_interrupt_all resets, and
+ * unicorn faults internally where no hook sees it. Returns unicorn's error; the instructions
+ * retired are then in icount (nv_retired). */
+int nv_run(struct nv_trap *t, void *uc, uint64_t budget, uint64_t limit)
+{
+    t->icount = 0;
+    t->budget = budget;
+    t->limit = limit;
+    t->stop_reason = NV_STOP_NONE;
+    for (;;) {
+        *t->old_exception = -1;
+        int err = t->emu_start(uc, *t->eip, UINT64_MAX, 0, 0);
+        if (t->stop_reason != NV_STOP_RETRY) {
+            nv_retired(t);
+            return err;
+        }
+        t->ctl(uc, t->ctl_tb_flush);
+        t->stop_reason = NV_STOP_NONE;
+    }
 }
 
 static void stop(void *uc, struct nv_trap *t, uint32_t reason)

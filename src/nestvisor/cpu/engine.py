@@ -176,6 +176,10 @@ class ExecContext:
         self.trap.mem_io_pc = cpu + C.OFF_CPU_MEM_IO_PC
         self.trap.restore_state = N.RESTORE_STATE
         self.trap.do_interrupt = N.DO_INTERRUPT
+        self.trap.emu_start = N.EMU_START
+        self.trap.ctl = N.UC_CTL
+        self.trap.ctl_tb_flush = N.CTL_TB_FLUSH
+        self.trap.old_exception = env + C.OFF_OLD_EXCEPTION
         self.trap.hflags2 = env + C.OFF_HFLAGS2
         self.trap.regs = env + C.OFF_REGS
         self.trap.hf_inhibit_irq = C.HF_INHIBIT_IRQ
@@ -533,10 +537,9 @@ class ExecContext:
         The budget is checked at the start of each translation block, so the last block may
         run past it; the block that would run past the limit runs one instruction at a time."""
         t = self.trap
-        self._enter(budget)
-        t.limit = limit
-        err = self._emulate(0)
-        self.retired = N.traplib.nv_retired(self._tp)
+        self.exception = self.unmapped = self.tlb_fault = self._fill_fault = self._error = None
+        err = N.traplib.nv_run(self._tp, self.h, budget, limit)
+        self.retired = t.icount
         stop = self._stopped(err, Stop.HALTED)
         target = min(budget, limit)
         if stop == Stop.BUDGET and t.budget == budget and self.retired < target:   # the limit stopped it
@@ -709,7 +712,7 @@ class ExecContext:
             return 0
         except BaseException as e:  # noqa: BLE001
             self._error = e
-            return 1
+            return -1
 
     def _on_count(self, addr: int, size: int) -> int:
         """Instructions in the translation block [addr, addr+size), their offsets written to

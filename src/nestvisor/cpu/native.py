@@ -124,6 +124,10 @@ class NvTrap(ctypes.Structure):
         ("icr_value", c_u64),
         ("icr_written", ctypes.c_uint32),
         ("icr_fast", ctypes.c_uint32),
+        ("emu_start", c_p),
+        ("ctl", c_p),
+        ("ctl_tb_flush", ctypes.c_int32),
+        ("old_exception", c_p),
     ]
 
 
@@ -157,6 +161,8 @@ traplib.nv_clock.restype = c_u64
 traplib.nv_retired.argtypes = [c_p]
 traplib.nv_retired.restype = c_u64
 traplib.nv_sync_io_pc.argtypes = [c_p]
+traplib.nv_run.argtypes = [c_p, c_p, c_u64, c_u64]
+traplib.nv_run.restype = ctypes.c_int
 BLOCK_HOOK = ctypes.cast(traplib.nv_block_hook, c_p).value
 SITE_HOOK = ctypes.cast(traplib.nv_site_hook, c_p).value
 FETCH_HOOK = ctypes.cast(traplib.nv_fetch_hook, c_p).value
@@ -166,6 +172,8 @@ MMIO_READ_CB = ctypes.CFUNCTYPE(c_u64, c_u64, ctypes.c_uint32)
 MMIO_WRITE_CB = ctypes.CFUNCTYPE(None, c_p, c_u64, ctypes.c_uint, c_u64, c_p)   # unicorn's uc_cb_mmio_write_t
 NV_TMCCT_MSR, NV_TMCCT_MMIO = 1, 2
 EMU_STOP = ctypes.cast(uclib.uc_emu_stop, c_p).value
+EMU_START = ctypes.cast(uclib.uc_emu_start, c_p).value
+UC_CTL = ctypes.cast(uclib.uc_ctl, c_p).value
 REG_WRITE = ctypes.cast(uclib.uc_reg_write, c_p).value
 # QEMU's raise_exception_err (excp_helper.c), exported by libunicorn under its x86-64 name
 RAISE_EXCEPTION_ERR = ctypes.cast(uclib.raise_exception_err_x86_64, c_p).value
