@@ -512,6 +512,60 @@ def test_tmcct_fast_path_matches_python_path(tmp_path, monkeypatch, body):
     assert slow_reads == 800 and fast_reads < 400   # Python saw only the reads at or past the target
 
 
+def _pause_ping(kvm_vcpus: int = 2) -> list[tuple[int, int, int, int]]:
+    """Two vCPUs spinning `pause; inc %ax` 200 times, scheduled in rounds as the machine
+    does; per vCPU: (clock, AX, PAUSEs, KVM_RUN calls)."""
+    vm = nestvisor.Kvm(profile="vmx").create_vm()
+    vm.set_user_memory_region(0, 0, 1 << 20)
+    vm.memory(0x1000, 11)[:] = bytes.fromhex("31c0f390403dc80075f8f4")   # xor ax; 1: pause; inc ax; cmp $200; jne 1b; hlt
+    vcpus = []
+    for i in range(kvm_vcpus):
+        v = vm.create_vcpu(i)
+        sregs = v.get_sregs()
+        sregs.cs.selector, sregs.cs.base = 0, 0
+        v.set_sregs(sregs)
+        regs = v.get_regs()
+        regs.rip = 0x1000
+        v.set_regs(regs)
+        v.set_mp_state(U.KVM_MP_STATE_RUNNABLE)
+        vcpus.append(v)
+    runs = [0] * kvm_vcpus
+    halted = [False] * kvm_vcpus
+    end = 0
+    while not all(halted):
+        end += 5000
+        for i, v in enumerate(vcpus):
+            if halted[i]:
+                continue
+            v.run_until = end
+            runs[i] += 1
+            halted[i] = v.run().reason == U.KVM_EXIT_HLT
+    return [(v.clock, v.get_regs().rax & 0xFFFF, v.stats["PAUSE"], runs[i]) for i, v in enumerate(vcpus)]
+
+
+def test_pause_fast_path_matches_python_path(monkeypatch):
+    # each PAUSE ends the vCPU's slice (pause-loop exit); after the first at a site the hook
+    # retires it and stops the run without calling Python
+    from nestvisor.cpu.decode import Op
+    from nestvisor.cpu.engine import ExecContext
+    from nestvisor.kvm.vcpu import Vcpu
+    calls = {"n": 0}
+    on_trap = Vcpu.on_trap
+
+    def counted(self, insn, rip):
+        calls["n"] += insn.op == Op.PAUSE
+        return on_trap(self, insn, rip)
+
+    monkeypatch.setattr(Vcpu, "on_trap", counted)
+    fast = _pause_ping()
+    fast_calls = calls["n"]
+    monkeypatch.setattr(ExecContext, "fast_pause", lambda self, rip, length: None)
+    calls["n"] = 0
+    slow = _pause_ping()
+    assert fast == slow and slow[0][1] == 200 and slow[0][2] == 200
+    assert calls["n"] == 400 and fast_calls == 2   # Python saw every PAUSE only without the fast path
+
+
 def test_clock_is_exact_inside_a_block():
     # one translation block of 40 NOPs and a HLT (real mode at ORG): the clock counts whole
     # blocks, yet a run stopped inside one has retired exactly the instructions before RIP

@@ -462,7 +462,7 @@ class Vcpu:
         while True:
             ex = self._step()
             if ex is not None:
-                self.stats[ex.name] += 1
+                self.stats[_EXIT_NAMES.get(ex.reason) or ex.name] += 1
                 if ex.reason not in (U.KVM_EXIT_INTR, U.KVM_EXIT_HLT):
                     self.idle_slice = False
                 return ex
@@ -1786,6 +1786,7 @@ _RAX_RBX_RCX_RDX = (GPRS[0], GPRS[3], GPRS[1], GPRS[2])
 
 # one-byte software exceptions and their vectors: INT3, INTO, INT1
 _ONE_BYTE_INT = {0xCC: 3, 0xCE: 4, 0xF1: 1}
+_EXIT_NAMES = U.EXIT_NAMES
 _X2APIC_TMCCT = A.X2APIC_MSR_BASE + (A.APIC_TMCCT >> 4)   # SDM 11.12.1.2
 _X2APIC_ICR = A.X2APIC_MSR_BASE + (A.APIC_ICR >> 4)
 # the registers and MSRs whose writes move the timer (the hooks' LAPIC answers reload)
