@@ -342,6 +342,53 @@ after:
 """
 
 
+_TIMER_ARMED_IN_RUN = {
+    "x2apic": """
+  mov $0x1b, %ecx
+  rdmsr
+  or $0xc00, %eax
+  wrmsr
+  xor %edx, %edx
+  mov $0x80f, %ecx
+  mov $0x1ff, %eax
+  wrmsr
+  mov $0x83e, %ecx
+  mov $0xb, %eax
+  wrmsr
+  mov $0x832, %ecx
+  mov $31, %eax
+  wrmsr
+  sti
+  mov $0x838, %ecx
+  mov $100, %eax
+  wrmsr""",
+    "xapic": """
+  movl $0x20003, 0x4018
+  movl $0xfee00083, 0x20fb8
+  mov %cr3, %rax
+  mov %rax, %cr3
+  mov $0xfee00000, %ebx
+  movl $0x1ff, 0xf0(%rbx)
+  movl $0xb, 0x3e0(%rbx)
+  movl $31, 0x320(%rbx)
+  sti
+  movl $100, 0x380(%rbx)""",
+}
+
+
+@pytest.mark.parametrize("mode", ["x2apic", "xapic"])
+def test_timer_armed_during_a_run_fires_at_its_deadline(tmp_path, mode):
+    # one vCPU (no time slices): the run that arms the one-shot timer (100 ns) must stop at
+    # its deadline, not at the end of the million-instruction loop
+    body = _EVENT_GATES + _TIMER_ARMED_IN_RUN[mode] + """
+  mov $1000000, %ecx
+1: dec %ecx
+  jnz 1b"""
+    vm, v = boot(assemble(program(body), tmp_path))
+    run_to_halt(v)
+    assert v.get_regs().r13 != 0 and v.get_regs().rcx > 999_000
+
+
 @pytest.mark.parametrize("event", ["nmi", "interrupt"])
 def test_event_comes_before_the_fetch_fault_of_the_next_instruction(tmp_path, event):
     # SDM 6.9: an NMI or interrupt is taken before the #PF of fetching the next instruction;

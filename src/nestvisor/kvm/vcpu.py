@@ -322,6 +322,11 @@ class Vcpu:
         nested = self.nested
         t = self.ctx.trap
         t.clock_base = self.clock
+        if self._running:
+            # the timer moved during the run: the run must stop at its new deadline
+            deadline = self.next_deadline()
+            if deadline is not None:
+                t.budget = min(t.budget, max(0, deadline - self.clock))
         if self.ctx.tdp is not None or nested is not None and nested.guest_mode or not lapic.hw_enabled:
             t.fast_tmcct = t.icr_self_nmi = 0
             return
