@@ -286,6 +286,51 @@ nmi_handler:
 """
 
 
+_XAPIC_SELF_NMIS = (_SELF_NMIS
+                    .replace("""  mov $0x1b, %ecx
+  rdmsr
+  or $0xc00, %eax
+  wrmsr
+""", """  movl $0x20003, 0x4018
+  movl $0xfee00083, 0x20fb8
+  mov %cr3, %rax
+  mov %rax, %cr3
+  mov $0xfee00000, %ebx
+  movl $0, 0x310(%rbx)
+""")
+                    # a write of the page does not end the translation block, where the
+                    # NMI it sends is taken: a jump ends it
+                    .replace("  wrmsr\n", "  mov %eax, 0x300(%rbx)\n  jmp 5f\n5:\n")
+                    .replace("  rdmsr\n", "  mov 0x300(%rbx), %eax\n"))
+
+
+def test_xapic_self_nmi_fast_path_matches_python_path(tmp_path, monkeypatch):
+    # the same through the xAPIC page: ICR2 (destination 0, this vCPU) then ICR writes
+    from nestvisor.kvm.lapic import ApicBus, Lapic
+    writes = {"n": 0}
+    mmio_write = Lapic.mmio_write
+
+    def counted(self, offset, size, value):
+        writes["n"] += offset == 0x300
+        return mmio_write(self, offset, size, value)
+
+    monkeypatch.setattr(Lapic, "mmio_write", counted)
+    code = assemble(program(_XAPIC_SELF_NMIS), tmp_path)
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(ApicBus, "xapic_id_unique", lambda self, lapic: False)
+        writes["n"] = 0
+        vm, v = boot(code)
+        run_to_halt(v)
+        r = v.get_regs()
+        results.append((r.r14, r.r15 & 0xFFFFFFFF, v.clock, v.stats["deliver_2"], writes["n"]))
+    fast, slow = results
+    assert fast[:4] == slow[:4]
+    assert slow[0] == 2 + 600 and slow[1] == 0x40400
+    assert slow[4] == 604 and fast[4] < 10
+
+
 def test_x2apic_self_nmi_fast_path_matches_python_path(tmp_path, monkeypatch):
     # KVM's fastpath for ICR writes: self-NMIs taken in the hook, the ICR synced back
     from nestvisor.cpu.engine import ExecContext

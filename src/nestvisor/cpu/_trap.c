@@ -58,6 +58,9 @@ enum nv_action {
 
 #define MSR_X2APIC_TMCCT 0x839
 #define APIC_TMCCT 0x390
+#define APIC_ICR 0x300
+#define APIC_ICR2 0x310
+#define XAPIC_BROADCAST 0xFFu
 #define NV_TMCCT_MSR 1    /* fast_tmcct bits: answer RDMSR 0x839 (x2APIC mode) */
 #define NV_TMCCT_MMIO 2   /* answer a 32-bit read of the xAPIC page at 0x390 */
 
@@ -77,6 +80,7 @@ typedef void (*nv_raise_fn)(void *env, int vector, int error_code);
 typedef bool (*nv_restore_fn)(void *cpu, uintptr_t host_pc, bool will_exit);
 typedef void (*nv_interrupt_fn)(void *env, int vector, int is_hw);
 typedef uint64_t (*nv_py_mmio_read_fn)(uint64_t offset, uint32_t size);
+typedef void (*nv_py_mmio_write_fn)(uint64_t offset, uint32_t size, uint64_t value);
 typedef int (*nv_emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
 typedef int (*nv_ctl_fn)(void *uc, int control, ...);
 
@@ -176,6 +180,12 @@ struct nv_trap {
     uint64_t icr_value;
     uint32_t icr_written;
     uint32_t icr_fast;
+    /* The same for the xAPIC page's ICR2 and ICR writes (xapic_self_nmi: no other APIC
+     * answers this one's xAPIC ID as a physical destination); icr_value starts as the
+     * LAPIC's ICR2:ICR and apic_write takes every other write of the page. */
+    uint32_t xapic_self_nmi;
+    uint32_t xapic_id;
+    nv_py_mmio_write_fn apic_write;
     /* nv_run: unicorn's uc_emu_start and uc_ctl (the TB_FLUSH code), and QEMU's
      * env->old_exception */
     nv_emu_start_fn emu_start;
@@ -747,6 +757,41 @@ uint64_t nv_apic_mmio_read(void *uc, uint64_t offset, unsigned size, struct nv_t
             return (uint64_t)v;
     }
     return t->apic_read(offset, size);
+}
+
+/* Whether a write of `lo` to the xAPIC ICR, with ICR2 in icr_value, is an IPI Python's LAPIC
+ * would turn into exactly one NMI for this vCPU (KVM kvm_apic_send_ipi, physical or self). */
+static bool xapic_icr_self_nmi(const struct nv_trap *t, uint32_t lo)
+{
+    uint32_t dest = (uint32_t)(t->icr_value >> 56);
+    if ((lo & ICR_MODE_MASK) != ICR_DM_NMI)
+        return false;
+    if ((lo & ICR_SHORT_MASK) == ICR_DEST_SELF)
+        return true;
+    return (lo & ICR_SHORT_MASK) == 0 && !(lo & ICR_DEST_LOGICAL) && dest == t->xapic_id && dest != XAPIC_BROADCAST;
+}
+
+/* A write of the xAPIC page (unicorn's MMIO write callback): ICR2 and self-NMI ICR writes
+ * here while xapic_self_nmi allows them (see icr_self_nmi), the rest in Python. */
+void nv_apic_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t value, struct nv_trap *t)
+{
+    (void)uc;
+    nv_sync_io_pc(t);
+    if (t->xapic_self_nmi && t->nmi_native && size == 4 && t->clock_base + nv_clock(t) < t->lapic_quiet_until) {
+        if (offset == APIC_ICR2) {
+            t->icr_value = ((value & 0xFF000000ULL) << 32) | (t->icr_value & 0xffffffffULL);
+            t->icr_written = 1;
+            return;
+        }
+        if (offset == APIC_ICR && xapic_icr_self_nmi(t, (uint32_t)value)) {
+            uint32_t limit = (*t->hflags2 & t->hf2_nmi) ? 1 : 2;
+            t->nmi_pending = t->nmi_pending + 1 < limit ? t->nmi_pending + 1 : limit;
+            t->icr_value = (t->icr_value & ~0xffffffffULL) | ((uint32_t)value & ~ICR_BUSY);
+            t->icr_written = 1;
+            return;
+        }
+    }
+    t->apic_write(offset, size, value);
 }
 
 /* Data read or write, hooked only while CR0.AM = 1 (translations then call it for every

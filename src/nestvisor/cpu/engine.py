@@ -230,9 +230,10 @@ class ExecContext:
         self.uc.mem_map_ptr(gpa, size, UC_PROT_READ | UC_PROT_WRITE, host_addr)
 
     def map_apic(self, gpa: int, read: Callable[[int, int], int], write: Callable[[int, int, int], None]) -> None:
-        """The local APIC's xAPIC page as memory-mapped I/O. Reads go to the trap's C callback,
-        which answers TMCCT itself while the timer counts (fast_tmcct) and hands the rest to
-        `read`; in `read` and `write`, RIP and clock() are the accessing instruction's."""
+        """The local APIC's xAPIC page as memory-mapped I/O. Accesses go to the trap's C
+        callbacks, which answer TMCCT while the timer counts (fast_tmcct) and take self-NMI
+        ICR writes (xapic_self_nmi) and hand the rest to `read` and `write`, where RIP and
+        clock() are the accessing instruction's."""
         def rd(offset: int, size: int) -> int:
             try:
                 return read(offset, size)
@@ -240,9 +241,8 @@ class ExecContext:
                 self._fail(e)
                 return 0
 
-        def wr(uc, offset, size, value, data):  # noqa: ANN001 - unicorn's callback signature
+        def wr(offset: int, size: int, value: int) -> None:
             try:
-                N.traplib.nv_sync_io_pc(self._tp)
                 write(offset, size, value)
             except BaseException as e:  # noqa: BLE001
                 self._fail(e)
@@ -250,8 +250,8 @@ class ExecContext:
         self._cb_apic_read = N.MMIO_READ_CB(rd)
         self._cb_apic_write = N.MMIO_WRITE_CB(wr)
         self.trap.apic_read = ctypes.cast(self._cb_apic_read, N.c_p).value
-        if N.uclib.uc_mmio_map(self.h, gpa, 0x1000, N.APIC_MMIO_READ, self._tp,
-                               ctypes.cast(self._cb_apic_write, N.c_p).value, None):
+        self.trap.apic_write = ctypes.cast(self._cb_apic_write, N.c_p).value
+        if N.uclib.uc_mmio_map(self.h, gpa, 0x1000, N.APIC_MMIO_READ, self._tp, N.APIC_MMIO_WRITE, self._tp):
             raise RuntimeError("uc_mmio_map(APIC) failed")
 
     def unmap(self, gpa: int, size: int) -> None:

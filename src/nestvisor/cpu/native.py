@@ -124,6 +124,9 @@ class NvTrap(ctypes.Structure):
         ("icr_value", c_u64),
         ("icr_written", ctypes.c_uint32),
         ("icr_fast", ctypes.c_uint32),
+        ("xapic_self_nmi", ctypes.c_uint32),
+        ("xapic_id", ctypes.c_uint32),
+        ("apic_write", c_p),
         ("emu_start", c_p),
         ("ctl", c_p),
         ("ctl_tb_flush", ctypes.c_int32),
@@ -168,8 +171,9 @@ SITE_HOOK = ctypes.cast(traplib.nv_site_hook, c_p).value
 FETCH_HOOK = ctypes.cast(traplib.nv_fetch_hook, c_p).value
 ALIGN_HOOK = ctypes.cast(traplib.nv_align_hook, c_p).value
 APIC_MMIO_READ = ctypes.cast(traplib.nv_apic_mmio_read, c_p).value
+APIC_MMIO_WRITE = ctypes.cast(traplib.nv_apic_mmio_write, c_p).value
 MMIO_READ_CB = ctypes.CFUNCTYPE(c_u64, c_u64, ctypes.c_uint32)
-MMIO_WRITE_CB = ctypes.CFUNCTYPE(None, c_p, c_u64, ctypes.c_uint, c_u64, c_p)   # unicorn's uc_cb_mmio_write_t
+MMIO_WRITE_CB = ctypes.CFUNCTYPE(None, c_u64, ctypes.c_uint32, c_u64)
 NV_TMCCT_MSR, NV_TMCCT_MMIO = 1, 2
 EMU_STOP = ctypes.cast(uclib.uc_emu_stop, c_p).value
 EMU_START = ctypes.cast(uclib.uc_emu_start, c_p).value

@@ -858,6 +858,18 @@ class ApicBus:
         self.modes_changed = 0   # bumped by every IA32_APIC_BASE change (all_x2apic's cache)
         self._all_x2apic: tuple[int, bool] = (-1, False)
 
+    def xapic_id_unique(self, lapic: Lapic) -> bool:
+        """No other enabled APIC answers `lapic`'s xAPIC ID as a physical destination
+        (KVM kvm_apic_match_physical_addr), and it is not the broadcast ID."""
+        dest = lapic.xapic_id
+        if dest == A.APIC_BROADCAST:
+            return False
+        for other in self.lapics:
+            if other is not lapic and other.hw_enabled \
+                    and (other.x2apic_id if other.x2apic_mode else other.xapic_id) == dest:
+                return False
+        return True
+
     def all_x2apic(self) -> bool:
         """Every enabled APIC is in x2APIC mode (KVM's apic map is then x2APIC-only, so a
         physical x2APIC ID names one APIC)."""

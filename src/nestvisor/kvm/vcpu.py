@@ -316,8 +316,8 @@ class Vcpu:
         """What the hooks may answer for the LAPIC in the run that starts or goes on, outside
         guest mode (where L1 may intercept the MSRs or map the page elsewhere): TMCCT while
         the timer counts down (a guest polling it for a deadline reads it a million times),
-        and x2APIC ICR writes that send this vCPU an NMI (KVM's fastpath for ICR writes)
-        while every APIC is in x2APIC mode and no timer event is due."""
+        and ICR writes that send this vCPU an NMI (KVM's fastpath for ICR writes) while the
+        destination names this APIC alone and no timer event is due."""
         lapic = self.lapic
         nested = self.nested
         t = self.ctx.trap
@@ -327,24 +327,28 @@ class Vcpu:
             deadline = self.next_deadline()
             if deadline is not None:
                 t.budget = min(t.budget, max(0, deadline - self.clock))
+        t.icr_self_nmi = t.xapic_self_nmi = 0
         if self.ctx.tdp is not None or nested is not None and nested.guest_mode or not lapic.hw_enabled:
-            t.fast_tmcct = t.icr_self_nmi = 0
+            t.fast_tmcct = 0
             return
         countdown = lapic.countdown()
         if countdown is None:
             t.fast_tmcct = 0
         else:
             self.ctx.set_tmcct(N.NV_TMCCT_MSR if lapic.x2apic_mode else N.NV_TMCCT_MMIO, self.clock, *countdown)
-        if lapic.x2apic_mode and self.vm.apic_bus.all_x2apic():
-            expiry = lapic.expiry()
-            t.lapic_quiet_until = TOP if expiry is None else max(expiry, 0)
-            t.x2apic_id = lapic.x2apic_id
-            t.icr_self_nmi = 1
-        else:
-            t.icr_self_nmi = 0
+        expiry = lapic.expiry()
+        t.lapic_quiet_until = TOP if expiry is None else max(expiry, 0)
+        if lapic.x2apic_mode:
+            if self.vm.apic_bus.all_x2apic():
+                t.x2apic_id = lapic.x2apic_id
+                t.icr_self_nmi = 1
+        elif self.vm.apic_bus.xapic_id_unique(lapic):
+            t.icr_value = lapic.get_reg(A.APIC_ICR) | lapic.get_reg(A.APIC_ICR2) << 32
+            t.xapic_id = lapic.xapic_id
+            t.xapic_self_nmi = 1
 
     def _sync_icr(self) -> None:
-        """The ICR value the hook took (icr_self_nmi) into the LAPIC's registers."""
+        """The ICR value the hooks took (icr_self_nmi, xapic_self_nmi) into the LAPIC's registers."""
         t = self.ctx.trap
         if t.icr_written:
             t.icr_written = 0
@@ -1414,14 +1418,16 @@ class Vcpu:
     def _apic_mmio_read(self, offset: int, size: int) -> int:
         if not self.lapic.hw_enabled or self.lapic.x2apic_mode:
             return (1 << (8 * size)) - 1   # the xAPIC window is off: unassigned memory
+        self._sync_icr()
         return self.lapic.mmio_read(offset, size)
 
     def _apic_mmio_write(self, offset: int, size: int, value: int) -> None:
         if not self.lapic.hw_enabled or self.lapic.x2apic_mode:
             return
+        self._sync_icr()
         self.lapic.mmio_write(offset, size, value)   # it kicks when an event became deliverable
-        if (offset & ~0xF) in _TIMER_REGS:
-            self._load_lapic()
+        if self._running:
+            self._load_lapic()   # the timer, the ID or the ICR may have changed
 
     # ---- the per-vCPU ioctls --------------------------------------------------------------
 
@@ -1794,9 +1800,8 @@ _ONE_BYTE_INT = {0xCC: 3, 0xCE: 4, 0xF1: 1}
 _EXIT_NAMES = U.EXIT_NAMES
 _X2APIC_TMCCT = A.X2APIC_MSR_BASE + (A.APIC_TMCCT >> 4)   # SDM 11.12.1.2
 _X2APIC_ICR = A.X2APIC_MSR_BASE + (A.APIC_ICR >> 4)
-# the registers and MSRs whose writes move the timer (the hooks' LAPIC answers reload)
-_TIMER_REGS = frozenset((A.APIC_LVTT, A.APIC_TMICT, A.APIC_TDCR))
-_TIMER_MSRS = frozenset([A.X2APIC_MSR_BASE + (r >> 4) for r in _TIMER_REGS]
+# the MSRs whose writes move the timer (the hooks' LAPIC answers reload)
+_TIMER_MSRS = frozenset([A.X2APIC_MSR_BASE + (r >> 4) for r in (A.APIC_LVTT, A.APIC_TMICT, A.APIC_TDCR)]
                         + [M.IA32_TSC, M.IA32_TSC_ADJUST, M.IA32_TSC_DEADLINE])
 # events the CPU model can deliver itself (ExecContext.deliver_interrupt): no error code, no
 # instruction length, nothing of VMX/SVM event injection
