@@ -209,6 +209,8 @@ struct nv_trap {
     uint64_t block_icount;
     uint64_t block_addr;
     uint32_t block_size;
+    uint64_t mru_key;     /* the block counted last (ckeys key, 0 = none) */
+    const struct nv_block *mru_block;
     uint64_t *fkeys;      /* native site: linear address + 1 */
     uint8_t *fvals;       /* RDTSC: its length; NV_STI_SITE: an STI */
     uint32_t fcap, fused;
@@ -441,6 +443,7 @@ void nv_flush_counts(struct nv_trap *t)
     }
     t->cused = 0;
     t->block = NULL;
+    t->mru_key = 0;
 }
 
 static void put_count(struct nv_trap *t, uint64_t key, struct nv_block *b)
@@ -611,10 +614,14 @@ void nv_block_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
         t->last_page = first;
     }
     uint64_t key = ((addr << 12) | (size & 0xfff)) + 1;
-    int64_t s = find_slot(t->ckeys, t->ccap, key);
     const struct nv_block *b;
     uint32_t n;
-    if (t->ckeys[s]) {
+    int64_t s;
+    if (key == t->mru_key) {
+        /* a loop that is one block */
+        b = t->mru_block;
+        n = b->n;
+    } else if (t->ckeys[s = find_slot(t->ckeys, t->ccap, key)]) {
         n = t->cvals[s];
         b = t->cblocks[s];
     } else {
@@ -634,6 +641,8 @@ void nv_block_hook(void *uc, uint64_t addr, uint32_t size, struct nv_trap *t)
         put_count(t, key, nb);
         b = nb;
     }
+    t->mru_key = key;
+    t->mru_block = b;
     if (t->icount >= t->budget || t->icount + n > t->limit) {
         stop(uc, t, NV_STOP_BUDGET);
         return;
