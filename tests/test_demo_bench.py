@@ -78,6 +78,8 @@ def test_bench_quick_json(capsys):
     assert r["nested_exits"] == 1001   # 1000 CPUIDs and the final VMCALL
     assert r["nested_round_trip_lazy_us"] > 0 and r["nested_round_trip_eager_us"] > 0
     assert r["nested_fields_per_exit_lazy"] < r["nested_fields_per_exit_eager"]
+    # every NMI arrived (the bench raises otherwise) and each took a measurable time
+    assert r["ipi_iterations"] == bench.IPI_ITERATIONS_QUICK and r["ipi_round_trip_us"] > 0
     for key in ("nestvisor_loop_mips", "unicorn_loop_mips", "nestvisor_cpuid_us", "nestvisor_rdmsr_us",
                 "unicorn_hook_insn_cpuid_us", "unicorn_hook_code_cpuid_us"):
         assert r[key] > 0, key
@@ -86,4 +88,4 @@ def test_bench_quick_json(capsys):
 def test_bench_table(capsys):
     assert bench.main(["--quick"]) == 0
     out = capsys.readouterr().out
-    assert "MIPS" in out and "trapped CPUID" in out and "µs" in out
+    assert "MIPS" in out and "trapped CPUID" in out and "IPI round trip" in out and "µs" in out

@@ -11,7 +11,10 @@ One process, one run of each measurement:
   d. µs per CPUID on bare unicorn with a Python UC_HOOK_INSN CPUID hook (the binding's
      per-hook cost) and with a UC_HOOK_CODE hook on the CPUID address;
   e. µs per nested VMX round trip (L2 CPUID -> L1's handler -> VMRESUME -> L2, the bundled
-     vmxbench guest) with lazy and with eager vmcs12 sync, and the fields copied per exit.
+     vmxbench guest) with lazy and with eager vmcs12 sync, and the fields copied per exit;
+  f. µs per IPI round trip between two vCPUs: vCPU 0 sends vCPU 1 an NMI through the x2APIC
+     ICR and PAUSEs until vCPU 1's handler has counted it, the vCPUs run in the machine's
+     rounds (the cost of cross-vCPU event delivery: IPI handshakes in SMP guests).
 
 Wall times are the host's; the instruction counts are exact (vcpu.clock, 1 insn = 1 ns).
 """
@@ -35,6 +38,8 @@ LOOP_INSNS = 20_000_000        # straight-line loop, instructions (quick: 2M)
 LOOP_INSNS_QUICK = 2_000_000
 TRAP_ITERATIONS = 20_000       # trapped instructions per loop (quick: 2000)
 TRAP_ITERATIONS_QUICK = 2_000
+IPI_ITERATIONS = 5_000         # NMI round trips between two vCPUs (quick: 500)
+IPI_ITERATIONS_QUICK = 500
 NESTED_STATE_ITERATIONS = 2_000   # get+set pairs (quick: 200)
 NESTED_STATE_ITERATIONS_QUICK = 200
 NESTED_STATE_STEP = 97          # instructions per step until L2 runs
@@ -110,6 +115,61 @@ class _RealModeGuest:
         return wall, self.vcpu.clock - clock
 
 
+# Real mode, CS base 0. Both vCPUs switch their APIC to x2APIC mode; vCPU 1's NMI handler
+# (IVT vector 2) counts at IPI_COUNTER and returns; vCPU 0 sends and waits for the count.
+IPI_SENDER, IPI_RECEIVER, IPI_HANDLER, IPI_COUNTER = 0x1000, 0x2000, 0x2100, 0x3000
+X2APIC_ON16 = bytes.fromhex("66b91b000000" "0f32" "660d000c0000" "0f30")   # APIC_BASE |= EN | EXTD
+IPI_RECEIVER_CODE = X2APIC_ON16 + bytes.fromhex("f390" "ebfc")             # 1: pause; jmp 1b
+IPI_HANDLER_CODE = bytes.fromhex("ff060030" "cf")                          # inc word [0x3000]; iret
+
+
+def ipi_sender16(iterations: int) -> bytes:
+    """x2APIC on; esi = N; 2: bx = count; ICR = NMI to x2APIC ID 1; 3: pause until the count
+    moves; dec esi; jnz 2b; hlt."""
+    send = (bytes.fromhex("8b1e0030" "66b930080000" "66b800040000" "66ba01000000" "0f30")
+            + bytes.fromhex("f390" "3b1e0030" "74f8"))
+    body = send + DEC_ESI16
+    return (X2APIC_ON16 + MOV_ESI16 + struct.pack("<I", iterations) + body
+            + JNZ + bytes([-(len(body) + 2) & 0xFF]) + HLT)
+
+
+def _ipi_round_trip(iterations: int) -> float:
+    """µs per NMI round trip between two vCPUs, scheduled in rounds as Machine does."""
+    from nestvisor.platform.machine import IPI_QUANTUM_NS, QUANTUM_NS
+
+    vm = Kvm(profile="vmx").create_vm()
+    vm.set_user_memory_region(0, 0, 1 << 20)
+    vm.memory(8, 4)[:] = struct.pack("<HH", IPI_HANDLER, 0)   # IVT entry 2
+    vm.memory(IPI_HANDLER, len(IPI_HANDLER_CODE))[:] = IPI_HANDLER_CODE
+    vm.memory(IPI_RECEIVER, len(IPI_RECEIVER_CODE))[:] = IPI_RECEIVER_CODE
+    sender = ipi_sender16(iterations)
+    vm.memory(IPI_SENDER, len(sender))[:] = sender
+    vcpus = []
+    for i, rip in enumerate((IPI_SENDER, IPI_RECEIVER)):
+        v = vm.create_vcpu(i)
+        sregs = v.get_sregs()
+        sregs.cs.selector, sregs.cs.base = 0, 0
+        v.set_sregs(sregs)
+        regs = v.get_regs()
+        regs.rip = rip
+        v.set_regs(regs)
+        v.set_mp_state(KVM_MP_STATE_RUNNABLE)
+        vcpus.append(v)
+    end, quantum = 0, QUANTUM_NS
+    start = time.perf_counter()
+    while True:
+        end += quantum
+        kicks = vm.kicks
+        for v in vcpus:
+            v.run_until = end
+            if v.run().reason == KVM_EXIT_HLT:
+                wall = time.perf_counter() - start
+                if vm.memory(IPI_COUNTER, 2).tobytes() != struct.pack("<H", iterations & 0xFFFF):
+                    raise RuntimeError("the IPI bench guest lost an NMI")
+                return wall / iterations * 1e6
+        quantum = IPI_QUANTUM_NS if vm.kicks != kicks else QUANTUM_NS
+
+
 def _uc_run(code: bytes, hooks: Sequence[tuple[int, Any, tuple]] = ()) -> float:
     """Run 64-bit `code` on a bare unicorn up to its final hlt; wall seconds."""
     uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
@@ -168,10 +228,14 @@ def measure(quick: bool = False) -> dict[str, Any]:
     # e. nested VMX round trip: L2 CPUID -> L1 handler -> VMRESUME -> L2 (vmxbench guest)
     nested = {mode: _nested_round_trip(eager) for mode, eager in (("lazy", False), ("eager", True))}
 
-    # f. KVM_GET_NESTED_STATE + KVM_SET_NESTED_STATE with L2 running (vmxbench guest)
+    # f. NMI round trips between two vCPUs through the x2APIC
+    ipi_n = IPI_ITERATIONS_QUICK if quick else IPI_ITERATIONS
+    ipi_us = _ipi_round_trip(ipi_n)
+
+    # g. KVM_GET_NESTED_STATE + KVM_SET_NESTED_STATE with L2 running (vmxbench guest)
     state_n, state_us = _nested_state_get_set(NESTED_STATE_ITERATIONS_QUICK if quick else NESTED_STATE_ITERATIONS)
 
-    # g. whole-machine snapshot and restore of a 64 MiB guest with L2 running (vmxbench)
+    # h. whole-machine snapshot and restore of a 64 MiB guest with L2 running (vmxbench)
     snap_ms, restore_ms = _snapshot_restore(SNAPSHOT_ITERATIONS_QUICK if quick else SNAPSHOT_ITERATIONS)
 
     us = 1e6 / k
@@ -194,6 +258,8 @@ def measure(quick: bool = False) -> dict[str, Any]:
         "nested_round_trip_eager_us": nested["eager"][1],
         "nested_fields_per_exit_lazy": nested["lazy"][2],
         "nested_fields_per_exit_eager": nested["eager"][2],
+        "ipi_iterations": ipi_n,
+        "ipi_round_trip_us": ipi_us,
         "nested_state_iterations": state_n,
         "nested_state_get_set_us": state_us,
         "snapshot_memory_mib": SNAPSHOT_MEMORY >> 20,
@@ -277,6 +343,8 @@ def format_table(r: dict[str, Any]) -> str:
         ("nested round trip, eager sync", f"{r['nested_round_trip_eager_us']:.1f}", "µs"),
         ("vmcs12 fields copied per exit, lazy sync", f"{r['nested_fields_per_exit_lazy']:.1f}", "fields"),
         ("vmcs12 fields copied per exit, eager sync", f"{r['nested_fields_per_exit_eager']:.1f}", "fields"),
+        (f"IPI round trip, NMI to the other vCPU and back through memory ({r['ipi_iterations']:,}x)",
+         f"{r['ipi_round_trip_us']:.1f}", "µs"),
         (f"get_nested_state + set_nested_state in L2 ({r['nested_state_iterations']:,}x)",
          f"{r['nested_state_get_set_us']:.1f}", "µs"),
         (f"Machine.snapshot(), {r['snapshot_memory_mib']} MiB guest in L2", f"{r['snapshot_ms']:.1f}", "ms"),
