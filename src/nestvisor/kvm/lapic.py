@@ -131,6 +131,8 @@ class Lapic:
 
     def get_reg(self, offset: int) -> int:
         """Raw 32-bit register at `offset` (KVM kvm_lapic_get_reg); IRR/ISR/TMR included."""
+        if not A.APIC_ISR <= offset < A.APIC_IRR + 0x80:
+            return _U32.unpack_from(self.regs, offset)[0]
         group = self._vector_group(offset)
         if group is not None:
             bits, index = group
@@ -139,6 +141,8 @@ class Lapic:
 
     def _set_reg(self, offset: int, value: int) -> None:
         _U32.pack_into(self.regs, offset, value & _MASK32)
+        if offset == A.APIC_ID:
+            self.bus.modes_changed += 1
 
     def _vector_group(self, offset: int) -> tuple[int, int] | None:
         if A.APIC_ISR <= offset < A.APIC_ISR + 0x80:
@@ -812,6 +816,7 @@ class Lapic:
             _U32.pack_into(regs, A.APIC_ID, self.x2apic_id)
             _U32.pack_into(regs, A.APIC_LDR, A.x2apic_ldr(self.x2apic_id))
         self.regs[:] = regs
+        self.bus.modes_changed += 1
         self.irr = self.isr = self.tmr = 0
         for i in range(A.APIC_ISR_NR):
             self.isr |= _U32.unpack_from(regs, A.APIC_ISR + 0x10 * i)[0] << (32 * i)
@@ -855,12 +860,20 @@ class ApicBus:
     def __init__(self) -> None:
         self.lapics: list[Lapic] = []
         self.eoi_listeners: list[Callable[[Lapic, int, bool], None]] = []
-        self.modes_changed = 0   # bumped by every IA32_APIC_BASE change (all_x2apic's cache)
+        self.modes_changed = 0   # bumped by every IA32_APIC_BASE or APIC ID change (the caches below)
         self._all_x2apic: tuple[int, bool] = (-1, False)
+        self._xapic_unique: dict[Lapic, tuple[int, bool]] = {}
 
     def xapic_id_unique(self, lapic: Lapic) -> bool:
         """No other enabled APIC answers `lapic`'s xAPIC ID as a physical destination
         (KVM kvm_apic_match_physical_addr), and it is not the broadcast ID."""
+        version, value = self._xapic_unique.get(lapic, (-1, False))
+        if version != self.modes_changed:
+            value = self._xapic_id_unique(lapic)
+            self._xapic_unique[lapic] = (self.modes_changed, value)
+        return value
+
+    def _xapic_id_unique(self, lapic: Lapic) -> bool:
         dest = lapic.xapic_id
         if dest == A.APIC_BROADCAST:
             return False

@@ -226,6 +226,7 @@ class Vcpu:
         self._host_writes = -1
         self._vmcs_event: tuple[int, EventKind, int | None, int] | None = None
         self._injecting: tuple[int, EventKind, int] | None = None   # vector, kind, CR2 before
+        self._lapic_loads: tuple = ()   # what _load_lapic last gave the hooks
         self._vmx_abort = False
         self._mov_ss_end = -1
         self.efer_svme = False   # L1's EFER.SVME (nested SVM keeps it out of the substrate)
@@ -327,25 +328,30 @@ class Vcpu:
             deadline = self.next_deadline()
             if deadline is not None:
                 t.budget = min(t.budget, max(0, deadline - self.clock))
-        t.icr_self_nmi = t.xapic_self_nmi = 0
-        if self.ctx.tdp is not None or nested is not None and nested.guest_mode or not lapic.hw_enabled:
-            t.fast_tmcct = 0
-            return
-        countdown = lapic.countdown()
-        if countdown is None:
-            t.fast_tmcct = 0
+        ctx = self.ctx
+        if ctx.tdp is not None or nested is not None and nested.guest_mode or not lapic.hw_enabled:
+            loads: tuple = (ctx, 0, None, 0, 0, 0)
         else:
-            self.ctx.set_tmcct(N.NV_TMCCT_MSR if lapic.x2apic_mode else N.NV_TMCCT_MMIO, self.clock, *countdown)
-        expiry = lapic.expiry()
-        t.lapic_quiet_until = TOP if expiry is None else max(expiry, 0)
-        if lapic.x2apic_mode:
-            if self.vm.apic_bus.all_x2apic():
-                t.x2apic_id = lapic.x2apic_id
-                t.icr_self_nmi = 1
-        elif self.vm.apic_bus.xapic_id_unique(lapic):
-            t.icr_value = lapic.get_reg(A.APIC_ICR) | lapic.get_reg(A.APIC_ICR2) << 32
-            t.xapic_id = lapic.xapic_id
-            t.xapic_self_nmi = 1
+            countdown = lapic.countdown()
+            expiry = lapic.expiry()
+            quiet = TOP if expiry is None else max(expiry, 0)
+            x2 = lapic.x2apic_mode
+            if x2:
+                icr = (1, 0, lapic.x2apic_id) if self.vm.apic_bus.all_x2apic() else (0, 0)
+            elif self.vm.apic_bus.xapic_id_unique(lapic):
+                icr = (0, 1, lapic.xapic_id, lapic.get_reg(A.APIC_ICR) | lapic.get_reg(A.APIC_ICR2) << 32)
+            else:
+                icr = (0, 0)
+            loads = (ctx, 0 if countdown is None else N.NV_TMCCT_MSR if x2 else N.NV_TMCCT_MMIO, countdown, quiet, *icr)
+        if loads == self._lapic_loads:
+            return   # what this context's hooks hold already (the clock base aside)
+        self._lapic_loads = loads
+        _, where, countdown, t.lapic_quiet_until, t.icr_self_nmi, t.xapic_self_nmi = loads[:6]
+        ctx.set_tmcct(where, self.clock, *(countdown or (0, 0, 1)))
+        if t.icr_self_nmi:
+            t.x2apic_id = loads[6]
+        elif t.xapic_self_nmi:
+            t.xapic_id, t.icr_value = loads[6:]
 
     def _sync_icr(self) -> None:
         """The ICR value the hooks took (icr_self_nmi, xapic_self_nmi) into the LAPIC's registers."""
