@@ -192,6 +192,9 @@ struct nv_trap {
     nv_ctl_fn ctl;
     int32_t ctl_tb_flush;
     int32_t *old_exception;
+    /* set by nv_run when the run left something for Python: an NMI taken or still pending,
+     * an ICR value or a count of fast ICR writes, an event it did not deliver */
+    uint32_t attention;
     /* private */
     uint64_t last_page;
     uint64_t *keys;       /* known linear page number + 1 (0 = empty slot) */
@@ -542,6 +545,7 @@ int nv_run(struct nv_trap *t, void *uc, uint64_t budget, uint64_t limit)
         int err = t->emu_start(uc, *t->eip, UINT64_MAX, 0, 0);
         if (t->stop_reason != NV_STOP_RETRY) {
             nv_retired(t);
+            t->attention = t->nmi_taken || t->nmi_pending || t->icr_written || t->icr_fast || t->inject;
             return err;
         }
         t->ctl(uc, t->ctl_tb_flush);

@@ -131,6 +131,7 @@ class NvTrap(ctypes.Structure):
         ("ctl", c_p),
         ("ctl_tb_flush", ctypes.c_int32),
         ("old_exception", c_p),
+        ("attention", ctypes.c_uint32),
     ]
 
 

@@ -227,6 +227,7 @@ class Vcpu:
         self._vmcs_event: tuple[int, EventKind, int | None, int] | None = None
         self._injecting: tuple[int, EventKind, int] | None = None   # vector, kind, CR2 before
         self._lapic_loads: tuple = ()   # what _load_lapic last gave the hooks
+        self._run_flags: tuple = ()     # the switches _step last gave them
         self._vmx_abort = False
         self._mov_ss_end = -1
         self.efer_svme = False   # L1's EFER.SVME (nested SVM keeps it out of the substrate)
@@ -515,14 +516,19 @@ class Vcpu:
         self.idle_slice = False
         ctx = self.ctx
         t = ctx.trap
-        t.nmi_native = native = self._native_nmis()
-        t.pause_yield = len(self.vm.vcpus) > 1 and (nested is None or not nested.guest_mode)
+        native = self._native_nmis()
+        irq = self._interrupt_pending()
+        # the run's switches, written to the hooks only when they change
+        flags = (ctx, native, len(self.vm.vcpus) > 1 and (nested is None or not nested.guest_mode),
+                 bool(irq or self._sti_watch_nested()))
+        if flags != self._run_flags:
+            self._run_flags = flags
+            _, t.nmi_native, t.pause_yield, t.sti_watch = flags
         nmi_first = None   # CR2, when the run's first block is to take an NMI
         if native and self._nmi_pending:
             t.nmi_pending, self._nmi_pending = self._nmi_pending, 0
             if not ctx.hflags2() & HF2_NMI and not ctx.hflags() & HF_INHIBIT_IRQ:
                 nmi_first = ctx.reg_cr(2)
-        irq = self._interrupt_pending()
         if irq or self._nmi_pending:
             budget = min(budget, WINDOW_SLICE)
         hard = TOP
@@ -531,30 +537,34 @@ class Vcpu:
             hard = nested.preemption_deadline - self.clock
         self._load_tsc()
         self._load_lapic()
-        t.sti_watch = irq or self._sti_watch_nested()
         self._running = True
         try:
             stop = ctx.run(budget, hard)
         finally:
             self._running = False
             self.clock += ctx.retired
-            if t.nmi_taken:
-                self.stats["deliver_2"] += t.nmi_taken
-                t.nmi_taken = 0
-            if t.nmi_pending:
-                self._nmi_pending += t.nmi_pending
-                t.nmi_pending = 0
-            t.nmi_native = 0
-            self._sync_icr()
-            if t.icr_fast:
-                self.stats["WRMSR"] += t.icr_fast
-                t.icr_fast = 0
+            if t.attention:
+                self._collect(t)
         if t.inject:
             return self._inject_refused()
         if nmi_first is not None and stop == Stop.EXCEPTION and not ctx.retired and self._nmi_pending \
                 and not ctx.hflags2() & HF2_NMI:
             return self._nmi_refused(nmi_first)
         return self._handle_stop(stop)
+
+    def _collect(self, t: N.NvTrap) -> None:
+        """What the run's hooks left for Python: NMIs taken or still pending, ICR writes."""
+        if t.nmi_taken:
+            self.stats["deliver_2"] += t.nmi_taken
+            t.nmi_taken = 0
+        if t.nmi_pending:
+            self._nmi_pending += t.nmi_pending
+            t.nmi_pending = 0
+        self._sync_icr()
+        if t.icr_fast:
+            self.stats["WRMSR"] += t.icr_fast
+            t.icr_fast = 0
+        t.attention = 0
 
     def _nmi_refused(self, cr2: int) -> Exit | None:
         """As _inject_refused, for an NMI the hook was to take at the run's first block."""
