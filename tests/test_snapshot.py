@@ -239,7 +239,7 @@ def test_envelope_is_checked_before_decoding(tmp_path):
     assert isinstance(snapfile.decode(good, VmSnapshot), VmSnapshot)
     cases = {
         "magic": b"X" + good[1:],
-        "version": good[:8] + struct.pack("<I", 2) + good[12:],
+        "version": good[:8] + struct.pack("<I", snapfile.VERSION + 1) + good[12:],
         "crc32": good[:-1] + bytes((good[-1] ^ 1,)),
         "size": good[:-1],
         "flags": good[:12] + struct.pack("<I", 0x80) + good[16:],

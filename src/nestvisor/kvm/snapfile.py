@@ -5,7 +5,7 @@ Envelope (little endian, 32 bytes, then the payload):
 | offset | size | field |
 |---|---|---|
 | 0 | 8 | magic b"NVSNAP\\r\\n" (the CR LF catches text-mode transfers, as PNG's does) |
-| 8 | 4 | version (1) |
+| 8 | 4 | version (2; 1 had the vCPU's `ipi_yield`) |
 | 12 | 4 | flags: bit 0 = payload is zlib-compressed |
 | 16 | 8 | payload size in bytes |
 | 24 | 4 | CRC32 of the payload as stored |
@@ -34,7 +34,7 @@ import zlib
 from typing import Any, TypeVar
 
 MAGIC = b"NVSNAP\r\n"
-VERSION = 1
+VERSION = 2
 FLAG_ZLIB = 1
 MAX_SIZE = 16 << 30   # a 16 GiB payload: far above any VM nestvisor runs, far below a bogus size
 _ENVELOPE = struct.Struct("<8sIIQII")

@@ -80,7 +80,6 @@ class EngineState:
     init_pending: bool = False   # INIT and SIPI latched by the APIC, not yet accepted
     sipi_pending: int | None = None
     mov_ss_end: int = -1         # blocking by MOV SS vs by STI (events only say "a shadow")
-    ipi_yield: bool = False      # an IPI ends this vCPU's slice early (the scheduler's order)
     lapic_timer: LapicTimer = field(default_factory=LapicTimer)
     l1: L1Context | None = None  # only while L2 runs
 
@@ -161,7 +160,7 @@ def _engine_state(v: Vcpu, lapic: LapicState) -> EngineState:
                        bool(ctx.hflags2() & HF2_NMI))
     return EngineState(
         clock=v.clock, ext_interrupts=list(v.ext_interrupts), exception_payload=v.exception_payload,
-        init_pending=v.init_pending, sipi_pending=v.sipi_pending, mov_ss_end=v._mov_ss_end, ipi_yield=v._ipi_yield,
+        init_pending=v.init_pending, sipi_pending=v.sipi_pending, mov_ss_end=v._mov_ss_end,
         lapic_timer=LapicTimer(lapic.timer_armed, lapic.timer_remaining_ns, lapic.tsc_deadline, lapic.esr_pending),
         l1=l1,
     )
@@ -198,7 +197,7 @@ def _load_engine_state(v: Vcpu, e: EngineState) -> None:
     v.ext_interrupts = list(e.ext_interrupts)
     v.exception_payload = e.exception_payload
     v.init_pending, v.sipi_pending = e.init_pending, e.sipi_pending
-    v._mov_ss_end, v._ipi_yield = e.mov_ss_end, e.ipi_yield
+    v._mov_ss_end = e.mov_ss_end
     nested = v.nested
     if e.l1 is None:
         return

@@ -221,7 +221,6 @@ class Vcpu:
         self._outside: Insn | None = None
         self._running = False
         self._pause_yield = False
-        self._ipi_yield = False
         self.idle_slice = False   # the last run() only waited: halted, or spinning on PAUSE
         self._host_writes = -1
         self._vmcs_event: tuple[int, EventKind, int | None, int] | None = None
@@ -366,13 +365,11 @@ class Vcpu:
             self.ctx.request_stop()
             return
         # An event for a vCPU that is not running came from the one that is (an IPI): the
-        # sender ends its slice so the target runs next (a directed yield, as KVM's
-        # kvm_vcpu_kick wakes the target at once).
+        # target takes it in its turn of the round, and the scheduler makes the rounds short
+        # while vCPUs interrupt each other (Machine: IPI_QUANTUM_NS). The sender goes on:
+        # ending its slice at every IPI (a directed yield) split IPI bursts into slices and
+        # cost more than it saved.
         self.vm.kicks += 1
-        for other in self.vm.vcpus.values():
-            if other._running:
-                other._ipi_yield = True
-                other.ctx.request_stop()
 
     @property
     def nmi_pending(self) -> int:
@@ -784,10 +781,6 @@ class Vcpu:
             self.stats["PAUSE"] += 1
             return self._pause_exit()
         if stop == Stop.BUDGET:
-            if self._ipi_yield:
-                self._ipi_yield = False
-                if self.run_until < INFINITY:
-                    return Exit(U.KVM_EXIT_INTR)
             return None
         if stop == Stop.TRAP:
             nested = self.nested

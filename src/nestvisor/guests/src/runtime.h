@@ -622,6 +622,12 @@ smp_start_ap:
     mov %ebx, %edi
     mov $ICR_INIT + ICR_ASSERT, %esi
     call apic_send_ipi
+    mov $10000, %edi                  /* SDM 9.4.4.1: a delay between INIT and SIPI (10 us) */
+    call apic_timer_oneshot
+    sti
+    hlt
+    cli
+    call apic_timer_stop
     mov %ebx, %edi
     mov $ICR_STARTUP + ICR_ASSERT + SIPI_VECTOR, %esi
     call apic_send_ipi
