@@ -59,6 +59,8 @@ class FakeVcpu:
             ex = self.script.pop(0)
             if isinstance(ex, BaseException):
                 raise ex
+            if callable(ex):
+                ex = ex()   # an exit with a side effect (an IPI sent during the slice)
             self.seen.append(ex)
             return ex
         self.clock = max(self.clock, self.run_until)
@@ -139,6 +141,22 @@ def test_serial_then_debug_exit(kernel):
     result = mach.run()
     assert (result.status, result.reason) == (3, "debug-exit")
     assert b"".join(out) == b"hi"
+
+
+def test_an_event_sent_to_a_halted_vcpu_keeps_the_machine_running(kernel):
+    # vCPU 0 halts; vCPU 1, later in the same round, sends it an IPI and halts: vCPU 0 gets
+    # another turn (it writes debug-exit) instead of the machine stopping as all halted
+    fake_kvm = {}
+
+    def ipi_then_hlt():
+        fake_kvm["kvm"].vm.kicks += 1
+        return simple("KVM_EXIT_HLT")
+
+    scripts = {0: [simple("KVM_EXIT_HLT"), io_exit(0xF4, 4, 2)], 1: [ipi_then_hlt, simple("KVM_EXIT_HLT")]}
+    mach, fake, _ = make(kernel, scripts, smp=2)
+    fake_kvm["kvm"] = fake
+    result = mach.run()
+    assert (result.status, result.reason) == (5, "debug-exit")
 
 
 def test_in_from_fw_cfg_and_unassigned(kernel):

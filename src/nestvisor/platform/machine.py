@@ -313,7 +313,8 @@ class Machine:
                 if isinstance(outcome, MachineResult):
                     return outcome
                 halted += outcome
-            if halted == len(self.vcpus):
+            # a vCPU that halted earlier in the round may have been sent an event since
+            if halted == len(self.vcpus) and self.vm.kicks == kicks:
                 return self._stop(0, REASON_HALTED)
             if limit is not None and round_end >= limit:
                 return self._stop(0, REASON_LIMIT)
