@@ -240,22 +240,41 @@ def test_site_hooks_only_where_trapped_instructions_start(tmp_path):
     assert v.stats["RDMSR"] == 2 and v.get_regs().rax & 0xFFFFFFFF != 0xF4FBE4EC
 
 
-# x2APIC self-NMIs through the ICR: one whose handler sends three more while NMIs are
-# blocked (one stays pending, KVM process_nmi), then 300 x (physical to its own ID, self
-# shorthand). r14 counts NMIs, r15 is the ICR read back.
-_SELF_NMIS = """
+# x2APIC mode on: IA32_APIC_BASE |= EN | EXTD
+_X2APIC_ON = """
   mov $0x1b, %ecx
   rdmsr
   or $0xc00, %eax
-  wrmsr
+  wrmsr"""
+# the xAPIC page mapped (a 2 MiB page at 0xfee00000 through PDPT[3]), its address in %rbx
+_XAPIC_PAGE = """
+  movl $0x20003, 0x4018
+  movl $0xfee00083, 0x20fb8
+  mov %cr3, %rax
+  mov %rax, %cr3
+  mov $0xfee00000, %ebx"""
+
+
+def _gates(handler: str, *vectors: int) -> str:
+    """Interrupt gates in MODES's IDT for `vectors`, all to `handler`."""
+    code = f"""
   lea idt(%rip), %rdi
-  lea nmi_handler(%rip), %rax
+  lea {handler}(%rip), %rax
   mov %rax, %rdx
-  shr $16, %rdx
-  mov %ax, 2*16(%rdi)
-  movw $0x18, 2*16+2(%rdi)
-  movw $0x8e00, 2*16+4(%rdi)
-  mov %edx, 2*16+6(%rdi)
+  shr $16, %rdx"""
+    for v in vectors:
+        code += f"""
+  mov %ax, {v}*16(%rdi)
+  movw $0x18, {v}*16+2(%rdi)
+  movw $0x8e00, {v}*16+4(%rdi)
+  mov %edx, {v}*16+6(%rdi)"""
+    return code
+
+
+# x2APIC self-NMIs through the ICR: one whose handler sends three more while NMIs are
+# blocked (one stays pending, KVM process_nmi), then 300 x (physical to its own ID, self
+# shorthand). r14 counts NMIs, r15 is the ICR read back.
+_SELF_NMIS = _X2APIC_ON + _gates("nmi_handler", 2) + """
   xor %r14, %r14
   mov $0x830, %ecx
   xor %edx, %edx
@@ -287,17 +306,7 @@ nmi_handler:
 
 
 _XAPIC_SELF_NMIS = (_SELF_NMIS
-                    .replace("""  mov $0x1b, %ecx
-  rdmsr
-  or $0xc00, %eax
-  wrmsr
-""", """  movl $0x20003, 0x4018
-  movl $0xfee00083, 0x20fb8
-  mov %cr3, %rax
-  mov %rax, %cr3
-  mov $0xfee00000, %ebx
-  movl $0, 0x310(%rbx)
-""")
+                    .replace(_X2APIC_ON, _XAPIC_PAGE + "\n  movl $0, 0x310(%rbx)", 1)
                     # a write of the page does not end the translation block, where the
                     # NMI it sends is taken: a jump ends it
                     .replace("  wrmsr\n", "  mov %eax, 0x300(%rbx)\n  jmp 5f\n5:\n")
@@ -361,19 +370,7 @@ def test_x2apic_self_nmi_fast_path_matches_python_path(tmp_path, monkeypatch):
 
 # Gates for vectors 2 (NMI) and 31 at `seen_event`, which records the RIP the event
 # interrupted and returns to `after` (a HLT).
-_EVENT_GATES = """
-  lea idt(%rip), %rdi
-  lea seen_event(%rip), %rax
-  mov %rax, %rdx
-  shr $16, %rdx
-  mov %ax, 2*16(%rdi)
-  movw $0x18, 2*16+2(%rdi)
-  movw $0x8e00, 2*16+4(%rdi)
-  mov %edx, 2*16+6(%rdi)
-  mov %ax, 31*16(%rdi)
-  movw $0x18, 31*16+2(%rdi)
-  movw $0x8e00, 31*16+4(%rdi)
-  mov %edx, 31*16+6(%rdi)
+_EVENT_GATES = _gates("seen_event", 2, 31) + """
   jmp 2f
 seen_event:
   mov (%rsp), %rax
@@ -388,11 +385,7 @@ after:
 
 
 _TIMER_ARMED_IN_RUN = {
-    "x2apic": """
-  mov $0x1b, %ecx
-  rdmsr
-  or $0xc00, %eax
-  wrmsr
+    "x2apic": _X2APIC_ON + """
   xor %edx, %edx
   mov $0x80f, %ecx
   mov $0x1ff, %eax
@@ -407,12 +400,7 @@ _TIMER_ARMED_IN_RUN = {
   mov $0x838, %ecx
   mov $100, %eax
   wrmsr""",
-    "xapic": """
-  movl $0x20003, 0x4018
-  movl $0xfee00083, 0x20fb8
-  mov %cr3, %rax
-  mov %rax, %cr3
-  mov $0xfee00000, %ebx
+    "xapic": _XAPIC_PAGE + """
   movl $0x1ff, 0xf0(%rbx)
   movl $0xb, 0x3e0(%rbx)
   movl $31, 0x320(%rbx)
@@ -549,11 +537,7 @@ _TMCCT_POLL = """
   add %rax, %r12
   dec %esi
   jnz 1b"""
-_X2APIC_TIMER = """
-  mov $0x1b, %ecx
-  rdmsr
-  or $0xc00, %eax
-  wrmsr
+_X2APIC_TIMER = _X2APIC_ON + """
   xor %edx, %edx
   mov $0x83e, %ecx
   mov $0xb, %eax
@@ -565,12 +549,7 @@ _X2APIC_TIMER = """
   mov $3000, %eax
   wrmsr
   mov $0x839, %ecx""" + _TMCCT_POLL.replace("READ", "rdmsr")
-_XAPIC_TIMER = """
-  movl $0x20003, 0x4018
-  movl $0xfee00083, 0x20fb8
-  mov %cr3, %rax
-  mov %rax, %cr3
-  mov $0xfee00000, %ebx
+_XAPIC_TIMER = _XAPIC_PAGE + """
   movl $0xb, 0x3e0(%rbx)
   movl $0x100ee, 0x320(%rbx)
   movl $3000, 0x380(%rbx)""" + _TMCCT_POLL.replace("READ", "mov 0x390(%rbx), %eax")

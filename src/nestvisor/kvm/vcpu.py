@@ -320,7 +320,6 @@ class Vcpu:
         and ICR writes that send this vCPU an NMI (KVM's fastpath for ICR writes) while the
         destination names this APIC alone and no timer event is due."""
         lapic = self.lapic
-        nested = self.nested
         t = self.ctx.trap
         t.clock_base = self.clock
         if self._running:
@@ -329,7 +328,7 @@ class Vcpu:
             if deadline is not None:
                 t.budget = min(t.budget, max(0, deadline - self.clock))
         ctx = self.ctx
-        if ctx.tdp is not None or nested is not None and nested.guest_mode or not lapic.hw_enabled:
+        if not self._outside_guest() or not lapic.hw_enabled:
             loads: tuple = (ctx, 0, None, 0, 0, 0)
         else:
             countdown = lapic.countdown()
@@ -385,8 +384,13 @@ class Vcpu:
     def _native_nmis(self) -> bool:
         """Whether the coming run's hook may deliver NMIs: outside guest mode (where L1 may
         intercept them) and with GIF set."""
+        return self._outside_guest() and (self.nested is None or self.nested.gif)
+
+    def _outside_guest(self) -> bool:
+        """L1 (or no nesting) runs: the hooks may answer for the CPU and the LAPIC, since no L1
+        intercepts what happens and no second level translates."""
         nested = self.nested
-        return self.ctx.tdp is None and (nested is None or not nested.guest_mode and nested.gif)
+        return self.ctx.tdp is None and (nested is None or not nested.guest_mode)
 
     def deliver_nmi(self) -> None:
         # KVM process_nmi: two NMIs may be pending, but only one while an NMI is being handled
@@ -516,7 +520,7 @@ class Vcpu:
         native = self._native_nmis()
         irq = self._interrupt_pending()
         # the run's switches, written to the hooks only when they change
-        flags = (ctx, native, len(self.vm.vcpus) > 1 and (nested is None or not nested.guest_mode),
+        flags = (ctx, native, len(self.vm.vcpus) > 1 and self._outside_guest(),
                  bool(irq or self._sti_watch_nested()))
         if flags != self._run_flags:
             self._run_flags = flags
@@ -721,8 +725,7 @@ class Vcpu:
 
     def _deliver(self, vector: int, kind: EventKind, error_code: int | None, insn_len: int = 0,
                  cr2: int | None = None) -> Exit | None:
-        nested = self.nested
-        if kind in _NATIVE_KINDS and self.ctx.tdp is None and (nested is None or not nested.guest_mode):
+        if kind in _NATIVE_KINDS and self._outside_guest():
             # an NMI or interrupt outside guest mode: the CPU model delivers it at the first
             # block of the run _step starts next (nv_block_hook; what an interrupt costs
             # decides how fast IPIs go); a fault while delivering ends that run
