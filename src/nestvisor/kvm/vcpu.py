@@ -912,7 +912,6 @@ class Vcpu:
 
     def on_trap(self, insn: Insn, rip: int) -> int:
         """Called from the trap hook, inside emulation, at a trapped instruction."""
-        self._sync_icr()
         if insn.op in VMX_OPS:
             return self._vmx_trap(insn)
         if insn.op in SVM_OPS:
@@ -1039,6 +1038,8 @@ class Vcpu:
         if self._cpl() > 0:
             raise gp()   # SDM RDMSR: #GP(0) if CPL > 0
         index = self.ctx.gpr(1) & 0xFFFFFFFF
+        if A.X2APIC_MSR_BASE <= index <= A.X2APIC_MSR_LAST:
+            self._sync_icr()   # an ICR the hook took this run
         value = msrs.get_msr(self, index)
         if index == _X2APIC_TMCCT:
             self.ctx.fast_rdmsr(rip, insn.length)   # a timer poll: the next reads stay in C
@@ -1052,6 +1053,8 @@ class Vcpu:
         index &= 0xFFFFFFFF
         if index in (M.EFER, M.IA32_APIC_BASE):
             return None   # these change hidden state or the memory map: emulated outside the run
+        if A.X2APIC_MSR_BASE <= index <= A.X2APIC_MSR_LAST:
+            self._sync_icr()   # an ICR the hook took this run
         msrs.set_msr(self, index, (eax & 0xFFFFFFFF) | ((edx & 0xFFFFFFFF) << 32))
         if index == _X2APIC_ICR:
             self.ctx.fast_wrmsr(rip, insn.length)   # an IPI sender: self-NMIs stay in C
